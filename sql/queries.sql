@@ -1,0 +1,95 @@
+-- Named queries, loaded by pgprojector.sqlfiles.queries(): `-- name: <key>` starts each one.
+
+-- name: append_events
+-- One statement for the whole list: one transaction, one NOTIFY, versions
+-- expected+1.. in list order (the row trigger checks each against the last).
+INSERT INTO events (aggregate_id, aggregate_type, event_type, data, metadata, version)
+SELECT $1, $2, e.event_type, e.data, e.metadata, $6::bigint + e.n
+FROM unnest($3::text[], $4::jsonb[], $5::jsonb[]) WITH ORDINALITY AS e(event_type, data, metadata, n)
+ORDER BY e.n
+RETURNING position
+
+-- name: current_version
+SELECT coalesce(max(version), 0) FROM events WHERE aggregate_id = $1
+
+-- name: read_stream
+SELECT id, aggregate_id, aggregate_type, event_type, data, metadata, version, position, created_at
+FROM events WHERE aggregate_id = $1
+ORDER BY version
+
+-- name: read_stream_as_of
+SELECT id, aggregate_id, aggregate_type, event_type, data, metadata, version, position, created_at
+FROM events WHERE aggregate_id = $1 AND created_at <= $2
+ORDER BY version
+
+-- name: horizon
+SELECT horizon, drawn FROM pgprojector_horizon()
+
+-- name: read_batch
+-- Always after pgprojector_horizon(), in a later statement (a later snapshot).
+SELECT id, aggregate_id, aggregate_type, event_type, data, metadata, version, position, created_at
+FROM events
+WHERE position > $1 AND position <= $2 AND ($3::text[] IS NULL OR event_type = ANY($3::text[]))
+ORDER BY position
+LIMIT $4
+
+-- name: lock_checkpoint
+-- Every batch holds its projection's row lock until it commits: a second
+-- daemon (or a rebuild) waits here, then reads the checkpoint the first one left.
+SELECT position, state FROM pgprojector_projections WHERE name = $1 FOR UPDATE
+
+-- name: save_checkpoint
+UPDATE pgprojector_projections SET position = $2, updated_at = now() WHERE name = $1
+
+-- name: halt_projection
+UPDATE pgprojector_projections
+SET state = 'halted', halted_at_position = $2, last_error = $3, updated_at = now()
+WHERE name = $1
+
+-- name: park_event
+INSERT INTO pgprojector_dead_letters (projection, event_position, event_id, error, attempts)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (projection, event_position) DO UPDATE
+SET error = EXCLUDED.error, attempts = EXCLUDED.attempts, parked_at = now()
+
+-- name: record_error
+UPDATE pgprojector_projections SET last_error = $2, updated_at = now() WHERE name = $1
+
+-- name: projection_state
+SELECT state FROM pgprojector_projections WHERE name = $1
+
+-- name: waiting_on
+-- Open transactions that appended events and hold the horizon back.
+SELECT a.pid, a.marker, s.xact_start, s.application_name, s.state
+FROM pgprojector_in_flight_appenders a
+LEFT JOIN pg_stat_activity s ON s.pid = a.pid
+WHERE a.marker <= $1
+ORDER BY a.marker
+LIMIT 5
+
+-- name: head_position
+SELECT max(position) FROM events
+
+-- name: register_daemon
+INSERT INTO pgprojector_daemons (id, hostname, pid, projections) VALUES ($1, $2, $3, $4)
+
+-- name: heartbeat
+UPDATE pgprojector_daemons SET heartbeat_at = now() WHERE id = $1
+
+-- name: unregister_daemon
+DELETE FROM pgprojector_daemons WHERE id = $1 OR heartbeat_at < now() - interval '1 day'
+
+-- name: status
+SELECT p.name, p.position, p.state, p.halted_at_position, p.last_error,
+       (SELECT count(*) FROM events e WHERE e.position > p.position) AS lag,
+       (SELECT count(*) FROM pgprojector_dead_letters d WHERE d.projection = p.name) AS dead_letters,
+       EXISTS (SELECT 1 FROM pgprojector_daemons d
+               WHERE p.name = ANY(d.projections) AND d.heartbeat_at > now() - make_interval(secs => $1)) AS live
+FROM pgprojector_projections p
+ORDER BY p.name
+
+-- name: dead_letters
+SELECT d.id, d.projection, d.event_position, d.event_id, d.error, d.attempts, d.parked_at,
+       e.aggregate_id, e.event_type, e.version
+FROM pgprojector_dead_letters d LEFT JOIN events e ON e.position = d.event_position
+ORDER BY d.id

@@ -1,0 +1,5 @@
+import sys
+
+from pgprojector.cli import main
+
+sys.exit(main())

@@ -1,0 +1,224 @@
+"""The `pgprojector` command line. Every setting is a flag and a PGPROJECTOR_* variable."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import asyncpg
+
+from pgprojector import __doc__ as package_doc
+from pgprojector import db
+from pgprojector.errors import ConfigError
+from pgprojector.logging import configure_logging
+from pgprojector.settings import Settings, load_settings
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+_SETTING_FLAGS: list[tuple[str, dict[str, Any]]] = [
+    ("--dsn", {"help": "PostgreSQL URL [PGPROJECTOR_DSN]"}),
+    ("--channel", {"help": "NOTIFY channel, a plain identifier [PGPROJECTOR_CHANNEL, default events]"}),
+    ("--batch-size", {"type": int, "help": "most events applied in one transaction [PGPROJECTOR_BATCH_SIZE, default 1000]"}),
+    ("--poll-interval", {"type": float, "help": "seconds between catch-up reads without a notification "
+                                                 "[PGPROJECTOR_POLL_INTERVAL, default 1.0]"}),
+    ("--projections", {"help": "comma-separated built-in names (orders, dashboard, analytics) and/or "
+                               "module:attribute paths [PGPROJECTOR_PROJECTIONS, default all three built-ins]"}),
+    ("--on-error", {"choices": ["halt", "park"], "help": "after max attempts: halt the projection or park the "
+                                                           "event as a dead letter [PGPROJECTOR_ON_ERROR, default halt]"}),
+    ("--max-attempts", {"type": int, "help": "tries of a failing event before halt/park "
+                                             "[PGPROJECTOR_MAX_ATTEMPTS, default 5]"}),
+    ("--log-format", {"choices": ["json", "console"], "help": "log format [PGPROJECTOR_LOG_FORMAT, default json, "
+                                                                "console on a terminal]"}),
+    ("--log-level", {"choices": ["debug", "info", "warning", "error"], "help": "[PGPROJECTOR_LOG_LEVEL, default info]"}),
+    ("--metrics-port", {"type": int, "help": "serve Prometheus metrics on this port [PGPROJECTOR_METRICS_PORT, off]"}),
+]
+
+
+class CommandError(Exception):
+    """A failure to report on one line and exit 1."""
+
+
+def _settings_parent() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("settings (flags override the environment)")
+    for flag, options in _SETTING_FLAGS:
+        group.add_argument(flag, default=None, **options)
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pgprojector",
+        description=f"{package_doc.strip()} Configure with PGPROJECTOR_* variables or the flags of each command.",
+        epilog="Exit codes: 0 success, 1 failure, 2 usage or configuration error.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parent = _settings_parent()
+
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[parent], help=summary, description=description)
+
+    command("migrate", "create or upgrade the schema (idempotent)",
+            "Create or upgrade the events table, its rules and triggers, pgprojector's own tables and the "
+            "configured projections' tables. Safe to run again, and from several processes at once.")
+    command("run", "run the projection daemon",
+            "Keep the configured projections up to date with the events table until SIGTERM/SIGINT, which "
+            "finish the batch in hand, commit and exit 0.")
+    status = command("status", "show each projection's position, lag, state and errors",
+                     "Per projection: checkpoint position, lag (events after it), state (running, halted, "
+                     "stopped), dead letters and the last error; and any open transaction holding reads back.")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    dead = command("dead-letters", "list parked events", "List the events parked by projections running "
+                                                          "with PGPROJECTOR_ON_ERROR=park, with their errors.")
+    dead.add_argument("--json", action="store_true", help="print a JSON array")
+    resume = command("resume", "resume a halted projection",
+                     "Set a halted projection running again from its checkpoint (fix the cause first: the "
+                     "event it halted at is tried again).")
+    resume.add_argument("name", help="projection name")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {flag.lstrip("-").replace("-", "_"): getattr(args, flag.lstrip("-").replace("-", "_"))
+                 for flag, _ in _SETTING_FLAGS}
+    try:
+        settings = load_settings(**overrides)
+        configure_logging(settings.log_level, settings.log_format)
+        handler = _HANDLERS[args.command]
+        return anyio.run(handler, settings, args)
+    except ConfigError as exc:
+        print(f"pgprojector: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CommandError as exc:
+        print(f"pgprojector: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+async def _connect(settings: Settings, role: str) -> asyncpg.Connection:
+    dsn = settings.require_dsn()
+    try:
+        return await db.connect(dsn, role=role, timeout=10)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise CommandError(
+            f"cannot connect to {db.redact_dsn(dsn)}: {db.redact(db.describe_error(exc), dsn)}"
+        ) from None
+
+
+async def _with_connection(settings: Settings, role: str, body: Callable[[asyncpg.Connection], Awaitable[int]]) -> int:
+    conn = await _connect(settings, role)
+    try:
+        return await body(conn)
+    except asyncpg.UndefinedTableError as exc:
+        raise CommandError(f"{exc}: has `pgprojector migrate` been run on this database?") from None
+    except asyncpg.PostgresError as exc:
+        raise CommandError(db.describe_error(exc)) from None
+    finally:
+        await conn.close()
+
+
+async def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from pgprojector.migrations import migrate
+    from pgprojector.projection import load_projections
+
+    projections = load_projections(settings.projection_refs)
+
+    async def body(conn: asyncpg.Connection) -> int:
+        applied = await migrate(conn, settings.channel, projections)
+        print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ", schema up to date")
+              + f"; projections set up: {', '.join(p.name for p in projections)}")
+        return EXIT_OK
+
+    return await _with_connection(settings, "migrate", body)
+
+
+async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    from pgprojector.daemon import Daemon
+    from pgprojector.projection import load_projections
+
+    import structlog
+
+    daemon = Daemon(settings, load_projections(settings.projection_refs))
+    try:
+        await daemon.run()
+    except ConfigError:
+        raise
+    except Exception as exc:
+        structlog.get_logger("pgprojector.daemon").error(
+            "daemon_failed", error=db.redact(db.describe_error(exc), settings.require_dsn()), exc_info=True)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from pgprojector.status import gather_status
+
+    async def body(conn: asyncpg.Connection) -> int:
+        report = await gather_status(conn)
+        if args.json:
+            print(json.dumps(report))
+            return EXIT_OK
+        print(f"head position: {report['head_position'] if report['head_position'] is not None else '(empty log)'}")
+        print(f"{'projection':<20} {'state':<8} {'position':>10} {'lag':>8} {'dead':>5}  last error")
+        for p in report["projections"]:
+            print(f"{p['name']:<20} {p['state']:<8} {p['position']:>10} {p['lag']:>8} {p['dead_letters']:>5}  "
+                  f"{p['last_error'] or '-'}")
+        for blocker in report["waiting_on"]:
+            print(f"waiting on: backend pid {blocker['pid']} ({blocker['application_name'] or '?'}), an open "
+                  f"transaction that appended from position {blocker['from_position']}, "
+                  f"started {blocker['transaction_started']}")
+        return EXIT_OK
+
+    return await _with_connection(settings, "status", body)
+
+
+async def cmd_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
+    from pgprojector.status import dead_letters
+
+    async def body(conn: asyncpg.Connection) -> int:
+        letters = await dead_letters(conn)
+        if args.json:
+            print(json.dumps(letters))
+        elif not letters:
+            print("no dead letters")
+        else:
+            for letter in letters:
+                print(f"#{letter['id']} {letter['projection']} position {letter['position']} "
+                      f"{letter['event_type']} {letter['aggregate_id']} v{letter['version']} "
+                      f"attempts={letter['attempts']} parked {letter['parked_at']}\n    {letter['error']}")
+        return EXIT_OK
+
+    return await _with_connection(settings, "dead-letters", body)
+
+
+async def cmd_resume(settings: Settings, args: argparse.Namespace) -> int:
+    async def body(conn: asyncpg.Connection) -> int:
+        result = await conn.execute(
+            "UPDATE pgprojector_projections SET state = 'running', halted_at_position = NULL, last_error = NULL, "
+            "updated_at = now() "
+            "WHERE name = $1 AND state = 'halted'", args.name)
+        if result == "UPDATE 0":
+            raise CommandError(f"projection {args.name!r} does not exist or is not halted")
+        print(f"projection {args.name} resumed")
+        return EXIT_OK
+
+    return await _with_connection(settings, "resume", body)
+
+
+_HANDLERS: dict[str, Callable[[Settings, argparse.Namespace], Awaitable[int]]] = {
+    "migrate": cmd_migrate,
+    "run": cmd_run,
+    "status": cmd_status,
+    "dead-letters": cmd_dead_letters,
+    "resume": cmd_resume,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

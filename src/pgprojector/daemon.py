@@ -1,0 +1,167 @@
+"""`pgprojector run`: the projections side by side, a listener beside them, and a clean stop.
+
+Where events come from: `events`, after each projection's checkpoint, up to the read horizon
+(worker.py). Where they go: each projection's handler, in the same transaction that moves its
+checkpoint. When the checkpoint moves: only at that commit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+
+import anyio
+import asyncpg
+import structlog
+
+from pgprojector import db
+from pgprojector.errors import ConfigError
+from pgprojector.listener import Listener, Wakeup
+from pgprojector.migrations import latest_version, schema_version, setup_projection
+from pgprojector.projection import Projection
+from pgprojector.retry import backoff, is_transient
+from pgprojector.settings import Settings
+from pgprojector.sqlfiles import queries
+from pgprojector.worker import ProjectionWorker
+
+log = structlog.get_logger("pgprojector.daemon")
+
+HEARTBEAT_SECONDS = 5.0
+
+
+class Daemon:
+    def __init__(self, settings: Settings, projections: Sequence[Projection]) -> None:
+        self.settings = settings
+        self.projections = list(projections)
+        self.dsn = settings.require_dsn()
+        self.id = uuid.uuid4()
+        self.stopping = anyio.Event()
+        self.wakeups = {projection.name: Wakeup() for projection in self.projections}
+        self.workers: list[ProjectionWorker] = []
+        self.listener = Listener(self.dsn, settings.channel, self._wake_all)
+        self.on_ready: Callable[[], None] = lambda: None
+
+    async def run(self) -> None:
+        """Until a stop is requested; raises if the daemon cannot go on (the service manager restarts it)."""
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(self._watch_signals, outer.cancel_scope)
+            pool = await self._open_pool()
+            if pool is None:  # stop requested before the database came up
+                outer.cancel_scope.cancel()
+                return
+            try:
+                await self._serve(pool)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self._unregister(pool)
+                    await pool.close()
+                    log.info("daemon_stopped", events_applied=sum(w.events_applied for w in self.workers))
+            outer.cancel_scope.cancel()
+
+    async def _serve(self, pool: asyncpg.Pool) -> None:
+        self.workers = [
+            ProjectionWorker(pool, projection, batch_size=self.settings.batch_size,
+                             poll_interval=self.settings.poll_interval, on_error=self.settings.on_error,
+                             max_attempts=self.settings.max_attempts, stopping=self.stopping,
+                             wakeup=self.wakeups[projection.name])
+            for projection in self.projections
+        ]
+        async with anyio.create_task_group() as side:
+            side.start_soon(self._side_task, "listener", self.listener.run)
+            side.start_soon(self._side_task, "heartbeat", lambda: self._heartbeat(pool))
+            async with anyio.create_task_group() as workers:
+                for worker in self.workers:
+                    workers.start_soon(worker.run)
+            side.cancel_scope.cancel()  # every worker has finished its batch and returned
+
+    async def _side_task(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
+        """A side task may only end by cancellation; anything else stops the daemon."""
+        try:
+            await body()
+        except Exception as exc:
+            log.error("side_task_failed", task=name, error=db.describe_error(exc))
+            raise
+        raise RuntimeError(f"side task {name} ended unexpectedly")
+
+    async def _open_pool(self) -> asyncpg.Pool | None:
+        failures = 0
+        while not self.stopping.is_set():
+            try:
+                pool = await db.create_pool(self.dsn, role="daemon", min_size=1,
+                                            max_size=len(self.projections) + 3, timeout=10)
+                async with pool.acquire() as conn:
+                    await self._check_schema(conn)
+                    server_version = await conn.fetchval("SHOW server_version")
+                    await conn.execute(queries()["register_daemon"], self.id, socket.gethostname(), os.getpid(),
+                                       [p.name for p in self.projections])
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                failures += 1
+                delay = backoff(failures, base=0.5, cap=30.0)
+                log.warning("database_unavailable", error=db.describe_error(exc), attempt=failures,
+                            retry_in_s=round(delay, 2))
+                with anyio.move_on_after(delay):
+                    await self.stopping.wait()
+                continue
+            log.info("daemon_started", projections=[p.name for p in self.projections],
+                     batch_size=self.settings.batch_size, poll_interval=self.settings.poll_interval,
+                     on_error=self.settings.on_error, max_attempts=self.settings.max_attempts,
+                     channel=self.settings.channel, server_version=server_version,
+                     database=db.redact_dsn(self.dsn), daemon_id=str(self.id), pid=os.getpid())
+            return pool
+        return None
+
+    async def _check_schema(self, conn: asyncpg.Connection) -> None:
+        version = await schema_version(conn)
+        if version is None or version < latest_version():
+            raise ConfigError(f"the database schema is at version {version or 0}, this pgprojector needs "
+                              f"{latest_version()}: run `pgprojector migrate` first")
+        registered = {row["name"] for row in await conn.fetch("SELECT name FROM pgprojector_projections")}
+        for projection in self.projections:
+            if projection.name not in registered:
+                await setup_projection(conn, projection)
+                log.info("projection_registered", projection=projection.name)
+
+    async def _heartbeat(self, pool: asyncpg.Pool) -> None:
+        while True:
+            await anyio.sleep(HEARTBEAT_SECONDS)
+            try:
+                async with pool.acquire() as conn:
+                    updated = await conn.execute(queries()["heartbeat"], self.id)
+                    if updated == "UPDATE 0":  # a restored database, or someone cleaned the table
+                        await conn.execute(queries()["register_daemon"], self.id, socket.gethostname(),
+                                           os.getpid(), [p.name for p in self.projections])
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log.warning("heartbeat_failed", error=db.describe_error(exc))
+
+    async def _unregister(self, pool: asyncpg.Pool) -> None:
+        try:
+            with anyio.fail_after(5):
+                async with pool.acquire() as conn:
+                    await conn.execute(queries()["unregister_daemon"], self.id)
+        except Exception as exc:  # the heartbeat will simply age out
+            log.warning("unregister_failed", error=db.describe_error(exc))
+
+    async def _watch_signals(self, scope: anyio.CancelScope) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if not self.stopping.is_set():
+                    log.info("stop_requested", signal=signal.Signals(signum).name)
+                    self.request_stop()
+                else:
+                    log.warning("stop_forced", signal=signal.Signals(signum).name)
+                    scope.cancel()
+
+    def request_stop(self) -> None:
+        self.stopping.set()
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        for wakeup in self.wakeups.values():
+            wakeup.set()

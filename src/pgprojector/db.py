@@ -1,0 +1,62 @@
+"""Connections: every one is tagged with an application_name, and DSNs are never logged with a password."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import asyncpg
+
+APPLICATION_NAME = "pgprojector"
+_PASSWORD_IN_URL = re.compile(r"(?P<head>^[a-zA-Z][\w+.-]*://[^:/@]*:)(?P<password>[^@]*)(?P<tail>@)")
+_PASSWORD_PARAM = re.compile(r"(?P<head>[?&]password=)(?P<password>[^&]*)", re.IGNORECASE)
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with any password replaced by ***."""
+    dsn = _PASSWORD_IN_URL.sub(r"\g<head>***\g<tail>", dsn)
+    return _PASSWORD_PARAM.sub(r"\g<head>***", dsn)
+
+
+def redact(text: str, dsn: str | None) -> str:
+    """`text` with the DSN's password (if any) removed, for error messages built from driver errors."""
+    if not dsn:
+        return text
+    for pattern in (_PASSWORD_IN_URL, _PASSWORD_PARAM):
+        match = pattern.search(dsn)
+        if match and match.group("password"):
+            text = text.replace(match.group("password"), "***")
+    return text.replace(dsn, redact_dsn(dsn))
+
+
+async def init_connection(conn: asyncpg.Connection) -> None:
+    """jsonb arrives as dicts and leaves as JSON text."""
+    await conn.set_type_codec("jsonb", encoder=_encode_json, decoder=json.loads, schema="pg_catalog")
+    await conn.set_type_codec("json", encoder=_encode_json, decoder=json.loads, schema="pg_catalog")
+
+
+def _encode_json(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _server_settings(role: str) -> dict[str, str]:
+    return {"application_name": f"{APPLICATION_NAME}-{role}" if role else APPLICATION_NAME}
+
+
+async def connect(dsn: str, role: str = "", **kwargs: Any) -> asyncpg.Connection:
+    conn = await asyncpg.connect(dsn, server_settings=_server_settings(role), **kwargs)
+    await init_connection(conn)
+    return conn
+
+
+async def create_pool(dsn: str, role: str = "", **kwargs: Any) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(dsn, server_settings=_server_settings(role), init=init_connection, **kwargs)
+    assert pool is not None
+    return pool
+
+
+def describe_error(exc: BaseException) -> str:
+    """`Type: message`, short enough for a log line; never includes a DSN."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__

@@ -1,0 +1,46 @@
+"""Typed errors, each carrying what an operator or a caller needs to act on it."""
+
+from __future__ import annotations
+
+
+class PgProjectorError(Exception):
+    """Base class of every error pgprojector raises on purpose."""
+
+
+class ConfigError(PgProjectorError):
+    """A missing or invalid setting; the message names the variable."""
+
+
+class InvalidEventError(PgProjectorError, ValueError):
+    """An event refused before anything was written (bad aggregate id, empty type, data not JSON...)."""
+
+
+class ConcurrencyError(PgProjectorError):
+    """Another writer appended to the aggregate first: re-read, re-decide, retry."""
+
+    def __init__(self, aggregate_id: str, expected_version: int, actual_version: int) -> None:
+        self.aggregate_id = aggregate_id
+        self.expected_version = expected_version
+        self.actual_version = actual_version
+        super().__init__(
+            f"aggregate {aggregate_id}: expected version {expected_version}, actual version {actual_version}"
+        )
+
+
+class RetriesExhaustedError(PgProjectorError):
+    """append_with_retry lost the race on every attempt."""
+
+    def __init__(self, aggregate_id: str, attempts: int, last: ConcurrencyError) -> None:
+        self.aggregate_id = aggregate_id
+        self.attempts = attempts
+        self.last = last
+        super().__init__(f"aggregate {aggregate_id}: still conflicting after {attempts} attempts ({last})")
+
+
+class ProjectionError(PgProjectorError):
+    """A projection could not apply an event (invalid data, missing predecessor...)."""
+
+    def __init__(self, message: str, *, position: int | None = None, event_type: str | None = None) -> None:
+        self.position = position
+        self.event_type = event_type
+        super().__init__(message)

@@ -1,0 +1,97 @@
+"""The two shapes of an event: one to append, one read back from the log."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pgprojector.errors import InvalidEventError
+
+MAX_AGGREGATE_ID = 100
+MAX_AGGREGATE_TYPE = 50
+MAX_EVENT_TYPE = 100
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to append. `data` must serialise to a JSON object."""
+
+    event_type: str
+    data: Mapping[str, Any]
+    metadata: Mapping[str, Any] | None = None
+
+    def encode(self) -> tuple[str, str, str | None]:
+        """(event_type, data JSON, metadata JSON), or InvalidEventError."""
+        if not isinstance(self.event_type, str) or not self.event_type.strip():
+            raise InvalidEventError("event_type must be a non-empty string")
+        if len(self.event_type) > MAX_EVENT_TYPE:
+            raise InvalidEventError(f"event_type is longer than {MAX_EVENT_TYPE} characters: {self.event_type[:40]!r}...")
+        if not isinstance(self.data, Mapping):
+            raise InvalidEventError(f"{self.event_type}: data must be a JSON object (a mapping), not {type(self.data).__name__}")
+        if self.metadata is not None and not isinstance(self.metadata, Mapping):
+            raise InvalidEventError(f"{self.event_type}: metadata must be a mapping or None")
+        try:
+            data = json.dumps(self.data, allow_nan=False, default=_json_default)
+            metadata = None if self.metadata is None else json.dumps(self.metadata, allow_nan=False, default=_json_default)
+        except (TypeError, ValueError) as exc:
+            raise InvalidEventError(f"{self.event_type}: data is not JSON-serialisable: {exc}") from None
+        if "\\u0000" in data or (metadata is not None and "\\u0000" in metadata):
+            raise InvalidEventError(f"{self.event_type}: data contains a NUL character, which jsonb cannot store")
+        return self.event_type, data, metadata
+
+
+def _json_default(value: object) -> object:
+    # Decimal amounts keep their exact digits as strings; anything else is an error.
+    from decimal import Decimal
+
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise ValueError(f"{value} is not a finite number")
+        return str(value)
+    if isinstance(value, (datetime, uuid.UUID)):
+        return value.isoformat() if isinstance(value, datetime) else str(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedEvent:
+    """An event as stored: `position` is its place in the global log."""
+
+    id: uuid.UUID
+    aggregate_id: str
+    aggregate_type: str
+    event_type: str
+    data: dict[str, Any]
+    metadata: dict[str, Any] | None
+    version: int
+    position: int
+    created_at: datetime = field(compare=False)
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> RecordedEvent:
+        return cls(
+            id=record["id"],
+            aggregate_id=record["aggregate_id"],
+            aggregate_type=record["aggregate_type"],
+            event_type=record["event_type"],
+            data=record["data"],
+            metadata=record["metadata"],
+            version=record["version"],
+            position=record["position"],
+            created_at=record["created_at"],
+        )
+
+
+def validate_stream(aggregate_id: str, aggregate_type: str) -> None:
+    if not isinstance(aggregate_id, str) or not aggregate_id:
+        raise InvalidEventError("aggregate_id must be a non-empty string")
+    if len(aggregate_id) > MAX_AGGREGATE_ID:
+        raise InvalidEventError(f"aggregate_id is longer than {MAX_AGGREGATE_ID} characters: {aggregate_id[:40]!r}...")
+    if not isinstance(aggregate_type, str) or not aggregate_type:
+        raise InvalidEventError("aggregate_type must be a non-empty string")
+    if len(aggregate_type) > MAX_AGGREGATE_TYPE:
+        raise InvalidEventError(f"aggregate_type is longer than {MAX_AGGREGATE_TYPE} characters")

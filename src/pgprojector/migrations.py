@@ -1,0 +1,74 @@
+"""`pgprojector migrate`: apply the numbered SQL files once each, under a lock, and record them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import asyncpg
+import structlog
+
+from pgprojector import sqlfiles
+from pgprojector.projection import Projection
+
+log = structlog.get_logger("pgprojector.migrate")
+
+# Session advisory lock serialising concurrent `migrate` runs (and projection set-up).
+MIGRATION_LOCK_KEY = 0x70677072_6D696772  # "pgprmigr"
+
+
+async def migrate(conn: asyncpg.Connection, channel: str, projections: Sequence[Projection] = ()) -> list[str]:
+    """Bring the schema up to date and set up `projections`' tables and checkpoints.
+
+    Returns the names of the migration files applied (empty when nothing was due).
+    """
+    applied: list[str] = []
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+    try:
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS pgprojector_migrations (
+                   version INTEGER PRIMARY KEY,
+                   name TEXT NOT NULL,
+                   applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"""
+        )
+        done = {row["version"] for row in await conn.fetch("SELECT version FROM pgprojector_migrations")}
+        for number, name, sql in sqlfiles.migrations():
+            if number in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO pgprojector_migrations (version, name) VALUES ($1, $2)", number, name)
+            log.info("migration_applied", migration=name)
+            applied.append(name)
+        current = await conn.fetchval(
+            "SELECT tgargs FROM pg_trigger WHERE tgrelid = 'events'::regclass AND tgname = 'events_notify'"
+        )
+        if current is None or bytes(current).rstrip(b"\x00").decode() != channel:
+            await conn.execute("SELECT pgprojector_set_notify_channel($1)", channel)
+            log.info("notify_channel_set", channel=channel)
+        for projection in projections:
+            await setup_projection(conn, projection)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+    return applied
+
+
+async def setup_projection(conn: asyncpg.Connection, projection: Projection) -> None:
+    """Create the projection's tables (idempotent DDL) and its checkpoint row."""
+    async with conn.transaction():
+        if projection.schema:
+            await conn.execute(projection.schema)
+        await conn.execute(
+            "INSERT INTO pgprojector_projections (name) VALUES ($1) ON CONFLICT (name) DO NOTHING", projection.name
+        )
+
+
+async def schema_version(conn: asyncpg.Connection) -> int | None:
+    """The highest migration applied, or None on a database `migrate` has never touched."""
+    exists = await conn.fetchval("SELECT to_regclass('pgprojector_migrations') IS NOT NULL")
+    if not exists:
+        return None
+    return await conn.fetchval("SELECT max(version) FROM pgprojector_migrations")
+
+
+def latest_version() -> int:
+    return max(number for number, _, _ in sqlfiles.migrations())

@@ -1,0 +1,82 @@
+"""The public projection API: what a read model is, and how `pgprojector run` finds one."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+
+import asyncpg
+
+from pgprojector.errors import ConfigError
+from pgprojector.events import RecordedEvent
+
+Handler = Callable[[asyncpg.Connection, Sequence[RecordedEvent]], Awaitable[None]]
+
+ENTRY_POINT_GROUP = "pgprojector.projections"
+BUILTINS = {
+    "orders": "pgprojector.projections.orders:projection",
+    "dashboard": "pgprojector.projections.dashboard:projection",
+    "analytics": "pgprojector.projections.analytics:projection",
+}
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A read model kept up to date from the log.
+
+    - `name`: its identity; its checkpoint is stored under it (lowercase identifier).
+    - `handle(conn, events)`: applies a batch, in log order, inside the batch's transaction; the
+      checkpoint is written in the same transaction, so the handler sees each event once
+      (a replay after a crash re-applies nothing already committed). Raise to reject the batch.
+    - `event_types`: the event types it wants (None: all); the others are passed over.
+    - `schema`: idempotent DDL (CREATE TABLE IF NOT EXISTS ...) for its own tables, run by `migrate`.
+    - `tables`: the tables `rebuild` empties before replaying the log.
+    """
+
+    name: str
+    handle: Handler
+    event_types: frozenset[str] | None = None
+    schema: str = ""
+    tables: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ConfigError(f"projection name {self.name!r} must be a lowercase identifier")
+        if self.event_types is not None:
+            object.__setattr__(self, "event_types", frozenset(self.event_types))
+
+
+def load_projection(ref: str) -> Projection:
+    """A built-in name, an entry point in group `pgprojector.projections`, or `module:attribute`."""
+    target = BUILTINS.get(ref)
+    if target is None and ":" not in ref:
+        matches = entry_points(group=ENTRY_POINT_GROUP, name=ref)
+        if not matches:
+            raise ConfigError(
+                f"PGPROJECTOR_PROJECTIONS: unknown projection {ref!r} "
+                f"(built-ins: {', '.join(BUILTINS)}; or give module:attribute)"
+            )
+        target = next(iter(matches)).value
+    module_name, _, attribute = (target or ref).partition(":")
+    try:
+        found: object = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"PGPROJECTOR_PROJECTIONS: cannot load {ref!r}: {exc}") from None
+    if not isinstance(found, Projection):
+        raise ConfigError(f"PGPROJECTOR_PROJECTIONS: {ref!r} is a {type(found).__name__}, not a pgprojector.Projection")
+    return found
+
+
+def load_projections(refs: Iterable[str]) -> list[Projection]:
+    loaded = [load_projection(ref) for ref in refs]
+    names = [projection.name for projection in loaded]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ConfigError(f"PGPROJECTOR_PROJECTIONS: projection name(s) given twice: {', '.join(duplicates)}")
+    return loaded

@@ -1,0 +1,33 @@
+"""Which failures are the database's (wait and retry forever) and which are the event's (count them)."""
+
+from __future__ import annotations
+
+import random
+
+import asyncpg
+
+# Connection lost, server restarting, too many clients, serialization failure or deadlock:
+# none of these say anything about the event being applied.
+TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57")
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.TransactionRollbackError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, TRANSIENT_ERRORS):
+        return True
+    sqlstate = getattr(exc, "sqlstate", None)
+    return isinstance(sqlstate, str) and sqlstate[:2] in TRANSIENT_SQLSTATE_CLASSES
+
+
+def backoff(attempt: int, base: float = 0.1, cap: float = 10.0) -> float:
+    """Exponential backoff with jitter, in seconds, for the `attempt`-th consecutive failure (1-based)."""
+    return min(cap, base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)

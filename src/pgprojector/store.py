@@ -1,0 +1,126 @@
+"""The command side: append with optimistic concurrency, and read an aggregate's stream."""
+
+from __future__ import annotations
+
+import inspect
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+
+import anyio
+import asyncpg
+import structlog
+
+from pgprojector.errors import ConcurrencyError, InvalidEventError, RetriesExhaustedError
+from pgprojector.events import NewEvent, RecordedEvent, validate_stream
+from pgprojector.sqlfiles import queries
+
+log = structlog.get_logger("pgprojector.store")
+
+Decider = Callable[[list[RecordedEvent]], Sequence[NewEvent] | Awaitable[Sequence[NewEvent]]]
+
+_VERSION_CONSTRAINT = "events_aggregate_id_version_key"
+
+
+class EventStore:
+    """Appends to and reads from `events`, through an asyncpg pool (or a single connection)."""
+
+    def __init__(self, db: asyncpg.Pool | asyncpg.Connection) -> None:
+        self._db = db
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        if isinstance(self._db, asyncpg.Pool):
+            async with self._db.acquire() as conn:
+                yield conn
+        else:
+            yield self._db
+
+    async def append(
+        self, aggregate_id: str, aggregate_type: str, events: Sequence[NewEvent], expected_version: int
+    ) -> int:
+        """Append `events` as versions expected_version+1...; returns the new version.
+
+        All or nothing, in one statement. Raises ConcurrencyError when the aggregate is not at
+        `expected_version` (another writer got there first), InvalidEventError for bad input.
+        """
+        validate_stream(aggregate_id, aggregate_type)
+        if isinstance(expected_version, bool) or not isinstance(expected_version, int) or expected_version < 0:
+            raise InvalidEventError(f"expected_version must be an integer >= 0, got {expected_version!r}")
+        if not isinstance(events, Sequence) or isinstance(events, (str, bytes)):
+            raise InvalidEventError("events must be a list of NewEvent")
+        if not events:
+            return expected_version
+        encoded = []
+        for event in events:
+            if not isinstance(event, NewEvent):
+                raise InvalidEventError(f"events must be NewEvent instances, got {type(event).__name__}")
+            encoded.append(event.encode())
+        types, datas, metadatas = (list(column) for column in zip(*encoded, strict=True))
+        async with self._connection() as conn:
+            try:
+                # A savepoint when the caller's connection is already in a transaction, so that a
+                # conflict leaves that transaction usable.
+                async with conn.transaction():
+                    await conn.execute(
+                        queries()["append_events"], aggregate_id, aggregate_type, types, datas, metadatas,
+                        expected_version,
+                    )
+            except asyncpg.UniqueViolationError as exc:
+                if exc.constraint_name != _VERSION_CONSTRAINT:
+                    raise
+                actual = await conn.fetchval(queries()["current_version"], aggregate_id)
+                raise ConcurrencyError(aggregate_id, expected_version, actual) from None
+            except asyncpg.CheckViolationError:
+                # Raised by the version-contiguity trigger: expected_version is ahead of the stream.
+                actual = await conn.fetchval(queries()["current_version"], aggregate_id)
+                raise ConcurrencyError(aggregate_id, expected_version, actual) from None
+        return expected_version + len(events)
+
+    async def append_with_retry(
+        self,
+        aggregate_id: str,
+        aggregate_type: str,
+        decide: Decider,
+        max_attempts: int = 10,
+        *,
+        base_delay: float = 0.005,
+        max_delay: float = 0.25,
+    ) -> int:
+        """Read the stream, ask `decide` what to append, append; on a version conflict, do it all again.
+
+        Only a version conflict is retried: then nothing was written, so re-deciding is safe.
+        Any other error (a lost connection during COMMIT included) propagates, because the
+        append may have happened. Returns the aggregate's version afterwards.
+        """
+        if max_attempts < 1:
+            raise InvalidEventError("max_attempts must be at least 1")
+        last_conflict: ConcurrencyError | None = None
+        for attempt in range(1, max_attempts + 1):
+            history = await self.read_stream(aggregate_id)
+            version = history[-1].version if history else 0
+            decided = decide(history)
+            new_events = await decided if inspect.isawaitable(decided) else decided
+            try:
+                return await self.append(aggregate_id, aggregate_type, list(new_events), expected_version=version)
+            except ConcurrencyError as conflict:
+                last_conflict = conflict
+                log.debug("append_conflict", aggregate_id=aggregate_id, attempt=attempt, expected=version,
+                          actual=conflict.actual_version)
+                if attempt < max_attempts:
+                    # Full jitter: racing writers spread out instead of colliding again in lockstep.
+                    await anyio.sleep(random.uniform(0, min(max_delay, base_delay * 2 ** (attempt - 1))))
+        assert last_conflict is not None
+        raise RetriesExhaustedError(aggregate_id, max_attempts, last_conflict)
+
+    async def read_stream(self, aggregate_id: str, as_of: datetime | None = None) -> list[RecordedEvent]:
+        """The aggregate's events in version order; with `as_of`, only those created at or before it."""
+        async with self._connection() as conn:
+            if as_of is None:
+                rows = await conn.fetch(queries()["read_stream"], aggregate_id)
+            else:
+                if as_of.tzinfo is None:
+                    raise InvalidEventError("as_of must be a timezone-aware datetime")
+                rows = await conn.fetch(queries()["read_stream_as_of"], aggregate_id, as_of)
+        return [RecordedEvent.from_record(row) for row in rows]

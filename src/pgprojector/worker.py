@@ -1,0 +1,200 @@
+"""One projection's loop: read a batch after the checkpoint, apply it, move the checkpoint, repeat."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import anyio
+import asyncpg
+import structlog
+
+from pgprojector import db
+from pgprojector.events import RecordedEvent
+from pgprojector.listener import Wakeup
+from pgprojector.projection import Projection
+from pgprojector.retry import backoff, is_transient
+from pgprojector.sqlfiles import queries
+
+log = structlog.get_logger("pgprojector.worker")
+
+MAX_ERROR_TEXT = 2000
+
+
+@dataclass
+class Batch:
+    """What one transaction did."""
+
+    applied: int = 0
+    caught_up: bool = False
+    halted: bool = False
+    first: int = 0
+    last: int = 0
+    checkpoint: int = 0
+    horizon: int = 0
+    held_back: bool = False  # an open transaction that appended holds the horizon below the last position drawn
+
+
+class EventFailed(Exception):
+    """The projection's handler rejected the events after `position` (exclusive) up to `last`."""
+
+    def __init__(self, cause: BaseException, first: int, last: int, event: RecordedEvent) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.first = first
+        self.last = last
+        self.event = event
+
+
+class ProjectionWorker:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        projection: Projection,
+        *,
+        batch_size: int,
+        poll_interval: float,
+        on_error: str,
+        max_attempts: int,
+        stopping: anyio.Event,
+        wakeup: Wakeup,
+    ) -> None:
+        self.pool = pool
+        self.projection = projection
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.on_error = on_error
+        self.max_attempts = max_attempts
+        self.stopping = stopping
+        self.wakeup = wakeup
+        self._types = sorted(projection.event_types) if projection.event_types is not None else None
+        self._log = log.bind(projection=projection.name)
+        self._isolate_until = 0  # after a failed batch: one event per transaction up to here
+        self._attempts = 0  # consecutive failures of the event at the checkpoint
+        self._db_failures = 0
+        self._waiting_logged_for: int | None = None
+        self.events_applied = 0
+
+    async def run(self) -> None:
+        """The main loop. Returns when a stop is requested, after the batch in hand has committed."""
+        while not self.stopping.is_set():
+            try:
+                batch = await self.apply_next_batch()
+            except EventFailed as failure:
+                await self._on_event_failure(failure)
+                continue
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                await self._on_database_failure(exc)
+                continue
+            if self._db_failures:
+                self._log.info("database_reconnected", after_failures=self._db_failures)
+                self._db_failures = 0
+            if batch.halted:
+                await self._sleep(self.poll_interval)  # until an operator resumes or rebuilds it
+            elif batch.caught_up:
+                await self._report_waiting(batch)
+                await self.wakeup.wait(self.poll_interval)
+
+    async def apply_next_batch(self) -> Batch:
+        """One transaction: lock the checkpoint, read after it up to the horizon, apply, move it."""
+        limit = 1 if self._isolating() else self.batch_size
+        sql = queries()
+        started = time.perf_counter()
+        async with self.pool.acquire() as conn, conn.transaction():
+            checkpoint = await conn.fetchrow(sql["lock_checkpoint"], self.projection.name)
+            if checkpoint is None:
+                raise RuntimeError(f"projection {self.projection.name} is not set up: run `pgprojector migrate`")
+            if checkpoint["state"] != "running":
+                return Batch(halted=True, checkpoint=checkpoint["position"])
+            position = checkpoint["position"]
+            horizon, drawn = await conn.fetchrow(sql["horizon"])
+            rows = await conn.fetch(sql["read_batch"], position, horizon, self._types, limit)
+            events = [RecordedEvent.from_record(row) for row in rows]
+            if events:
+                try:
+                    await self.projection.handle(conn, events)
+                except Exception as exc:
+                    if is_transient(exc):
+                        raise
+                    raise EventFailed(exc, events[0].position, events[-1].position, events[0]) from exc
+            full = len(events) == limit
+            # A short read saw everything up to the horizon: no event at or below it can still appear.
+            new_position = events[-1].position if full else max(position, horizon)
+            if new_position != position:
+                await conn.execute(sql["save_checkpoint"], self.projection.name, new_position)
+        batch = Batch(applied=len(events), caught_up=not full, checkpoint=new_position, horizon=horizon,
+                      held_back=drawn > horizon)
+        if self._isolate_until and new_position >= self._isolate_until:
+            self._isolate_until = 0
+        if events:
+            batch.first, batch.last = events[0].position, events[-1].position
+            self.events_applied += len(events)
+            self._attempts = 0
+            self._log.info("batch_applied", first=batch.first, last=batch.last, events=len(events),
+                           checkpoint=new_position, ms=round((time.perf_counter() - started) * 1000, 1))
+        if batch.caught_up and not self._isolating():
+            self._log.debug("caught_up", checkpoint=new_position)
+        return batch
+
+    def _isolating(self) -> bool:
+        return self._isolate_until > 0
+
+    async def _on_event_failure(self, failure: EventFailed) -> None:
+        error = f"{db.describe_error(failure.cause)}"[:MAX_ERROR_TEXT]
+        if failure.first != failure.last and not self._isolating():
+            # A batch failed: replay it one event per transaction to find the culprit,
+            # committing the good events before it.
+            self._isolate_until = failure.last
+            self._log.warning("batch_failed_isolating", first=failure.first, last=failure.last, error=error)
+            return
+        self._attempts += 1
+        event = failure.event
+        context = {"position": event.position, "event_type": event.event_type, "aggregate_id": event.aggregate_id,
+                   "version": event.version, "attempt": self._attempts, "error": error}
+        if self._attempts < self.max_attempts:
+            delay = backoff(self._attempts, base=0.2, cap=30.0)
+            self._log.warning("event_retry", retry_in_s=round(delay, 2), **context)
+            await self._sleep(delay)
+            return
+        async with self.pool.acquire() as conn, conn.transaction():
+            checkpoint = await conn.fetchrow(queries()["lock_checkpoint"], self.projection.name)
+            if checkpoint is None or checkpoint["state"] != "running" or checkpoint["position"] >= event.position:
+                return  # someone else moved it meanwhile
+            if self.on_error == "park":
+                await conn.execute(queries()["park_event"], self.projection.name, event.position, event.id, error,
+                                   self._attempts)
+                await conn.execute(queries()["save_checkpoint"], self.projection.name, event.position)
+                await conn.execute(queries()["record_error"], self.projection.name, error)
+            else:
+                await conn.execute(queries()["halt_projection"], self.projection.name, event.position, error)
+        self._attempts = 0
+        self._log.error("event_parked" if self.on_error == "park" else "projection_halted", **context)
+        if self._isolate_until <= event.position:
+            self._isolate_until = 0
+
+    async def _on_database_failure(self, exc: BaseException) -> None:
+        self._db_failures += 1
+        delay = backoff(self._db_failures, base=0.2, cap=30.0)
+        self._log.warning("database_unavailable", error=db.describe_error(exc), attempt=self._db_failures,
+                          retry_in_s=round(delay, 2))
+        await self._sleep(delay)
+
+    async def _report_waiting(self, batch: Batch) -> None:
+        """Log, once per horizon, the open transactions holding it back (if any)."""
+        if not batch.held_back or self._waiting_logged_for == batch.horizon:
+            return
+        async with self.pool.acquire() as conn:
+            blockers = await conn.fetch(queries()["waiting_on"], batch.horizon + 1)
+        if blockers:
+            first = blockers[0]
+            self._log.info("waiting_on_transaction", horizon=batch.horizon, pid=first["pid"],
+                           since=first["xact_start"].isoformat() if first["xact_start"] else None,
+                           application=first["application_name"], open_appenders=len(blockers))
+            self._waiting_logged_for = batch.horizon
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake at once on a stop request."""
+        with anyio.move_on_after(seconds):
+            await self.stopping.wait()
