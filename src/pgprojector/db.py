@@ -31,13 +31,25 @@ def redact(text: str, dsn: str | None) -> str:
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:
-    """jsonb arrives as dicts and leaves as JSON text."""
-    await conn.set_type_codec("jsonb", encoder=_encode_json, decoder=json.loads, schema="pg_catalog")
+    """jsonb arrives as Python values and leaves as JSON; a str parameter is taken as JSON text already.
+
+    Binary format (a version byte, then the text), so that COPY works too.
+    """
+    await conn.set_type_codec("jsonb", encoder=_encode_jsonb, decoder=_decode_jsonb, schema="pg_catalog",
+                              format="binary")
     await conn.set_type_codec("json", encoder=_encode_json, decoder=json.loads, schema="pg_catalog")
 
 
 def _encode_json(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
+
+
+def _encode_jsonb(value: Any) -> bytes:
+    return b"\x01" + _encode_json(value).encode()
+
+
+def _decode_jsonb(data: bytes) -> Any:
+    return json.loads(data[1:])
 
 
 def _server_settings(role: str) -> dict[str, str]:

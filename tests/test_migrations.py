@@ -1,0 +1,75 @@
+"""`pgprojector migrate`: creates everything, is a no-op the second time, and is safe in parallel."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+from helpers import cli_env, run_cli
+
+from pgprojector import db
+from pgprojector.migrations import latest_version, migrate, schema_version
+from pgprojector.projection import load_projections
+
+TABLES = {"events", "pgprojector_projections", "pgprojector_dead_letters", "pgprojector_daemons",
+          "pgprojector_migrations", "read_model_orders", "read_model_dashboard", "read_model_restaurant_daily"}
+
+
+async def _tables(dsn: str) -> set[str]:
+    conn = await db.connect(dsn)
+    try:
+        return {r["tablename"] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname='public'")}
+    finally:
+        await conn.close()
+
+
+async def test_cli_migrate_creates_schema_then_is_a_no_op(empty_dsn):
+    first = run_cli("migrate", dsn=empty_dsn)
+    assert first.returncode == 0, first.stderr
+    assert "001_event_store.sql" in first.stdout
+    assert TABLES <= await _tables(empty_dsn)
+    second = run_cli("migrate", dsn=empty_dsn)
+    assert second.returncode == 0, second.stderr
+    assert "applied 0 migration(s)" in second.stdout
+    conn = await db.connect(empty_dsn)
+    try:
+        assert await schema_version(conn) == latest_version()
+        assert await conn.fetchval("SELECT count(*) FROM pgprojector_migrations") == latest_version()
+        assert await conn.fetchval("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'events'::regclass "
+                                   "AND NOT tgisinternal") == 5
+    finally:
+        await conn.close()
+
+
+async def test_concurrent_migrations_from_several_processes(empty_dsn):
+    processes = [subprocess.Popen([sys.executable, "-m", "pgprojector", "migrate"], env=cli_env(empty_dsn),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outputs = [process.communicate(timeout=120) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0, 0, 0], outputs
+    assert sum("001_event_store.sql" in out for out, _ in outputs) == 1  # exactly one applied it
+    assert TABLES <= await _tables(empty_dsn)
+
+
+async def test_concurrent_migrations_in_one_process(empty_dsn):
+    connections = [await db.connect(empty_dsn) for _ in range(5)]
+    try:
+        results = await asyncio.gather(*(migrate(c, "events", load_projections(["orders"])) for c in connections))
+        assert sorted(len(applied) for applied in results) == [0, 0, 0, 0, latest_version()]
+    finally:
+        for connection in connections:
+            await connection.close()
+
+
+async def test_channel_setting_moves_the_notify_trigger(empty_dsn):
+    assert run_cli("migrate", dsn=empty_dsn, channel="orders_feed").returncode == 0
+    listener = await db.connect(empty_dsn)
+    received: list[str] = []
+    try:
+        await listener.add_listener("orders_feed", lambda *args: received.append(args[2]))
+        await listener.execute("INSERT INTO events (aggregate_id, aggregate_type, event_type, data, version) "
+                               "VALUES ('a', 't', 'E', '{}', 1)")
+        await asyncio.sleep(0.3)
+    finally:
+        await listener.close()
+    assert received == ["orders_feed"]

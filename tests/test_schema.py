@@ -1,0 +1,218 @@
+"""The rules the database enforces for every producer, written as plain SQL like any producer would."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import asyncpg
+import pytest
+
+from pgprojector import db
+
+INSERT = ("INSERT INTO events (aggregate_id, aggregate_type, event_type, data, metadata, version) "
+          "VALUES ($1, 'order', $2, $3, NULL, $4)")
+
+
+async def test_seed_columns_types_and_indexes(conn):
+    columns = {r["column_name"]: (r["data_type"], r["character_maximum_length"], r["is_nullable"])
+               for r in await conn.fetch("SELECT column_name, data_type, character_maximum_length, is_nullable "
+                                         "FROM information_schema.columns WHERE table_name = 'events'")}
+    assert columns == {
+        "id": ("uuid", None, "NO"),
+        "aggregate_id": ("character varying", 100, "NO"),
+        "aggregate_type": ("character varying", 50, "NO"),
+        "event_type": ("character varying", 100, "NO"),
+        "data": ("jsonb", None, "NO"),
+        "metadata": ("jsonb", None, "YES"),
+        "version": ("bigint", None, "NO"),
+        "created_at": ("timestamp with time zone", None, "NO"),
+        "position": ("bigint", None, "NO"),
+    }
+    indexes = {r["indexname"]: r["indexdef"] for r in await conn.fetch(
+        "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'events'")}
+    assert "(aggregate_id, version)" in indexes["idx_events_aggregate"]
+    assert "(event_type)" in indexes["idx_events_type"]
+    assert "(created_at)" in indexes["idx_events_created"]
+    assert "(aggregate_id, created_at)" in indexes["idx_events_aggregate_time"]
+    uniques = [d for d in indexes.values() if "UNIQUE" in d]
+    assert any("(aggregate_id, version)" in d for d in uniques)
+    assert any("(\"position\")" in d or "(position)" in d for d in uniques)
+
+
+async def test_plain_multi_row_insert_gets_positions_and_defaults(conn):
+    await conn.execute(
+        "INSERT INTO events (aggregate_id, aggregate_type, event_type, data, metadata, version) VALUES "
+        "('a', 't', 'E', '{}', NULL, 1), ('a', 't', 'E', '{}', NULL, 2), ('b', 't', 'E', '{}', NULL, 1)")
+    rows = await conn.fetch("SELECT aggregate_id, version, position, id, created_at FROM events ORDER BY position")
+    assert [(r["aggregate_id"], r["version"]) for r in rows] == [("a", 1), ("a", 2), ("b", 1)]
+    positions = [r["position"] for r in rows]
+    assert positions == sorted(positions) and len(set(positions)) == 3
+    assert all(r["id"] is not None and r["created_at"] is not None for r in rows)
+
+
+@pytest.mark.parametrize("version", [0, -1, 2, 5])
+async def test_gap_or_bad_first_version_is_refused_23514(conn, version):
+    with pytest.raises(asyncpg.CheckViolationError) as refused:
+        await conn.execute(INSERT, "order_9", "OrderCreated", "{}", version)
+    assert refused.value.sqlstate == "23514"
+    assert "order_9" in str(refused.value) and "expected version 1" in str(refused.value)
+    assert f"got {version}" in str(refused.value)
+
+
+async def test_gap_after_existing_versions_names_expected_and_given(conn):
+    for version in (1, 2):
+        await conn.execute(INSERT, "order_1", "E", "{}", version)
+    with pytest.raises(asyncpg.CheckViolationError, match="aggregate order_1: expected version 3, got 4"):
+        await conn.execute(INSERT, "order_1", "E", "{}", 4)
+    assert await conn.fetchval("SELECT count(*) FROM events") == 2
+
+
+async def test_multi_row_insert_out_of_order_is_refused_whole(conn):
+    with pytest.raises(asyncpg.CheckViolationError):
+        await conn.execute(
+            "INSERT INTO events (aggregate_id, aggregate_type, event_type, data, version) VALUES "
+            "('x', 't', 'E', '{}', 2), ('x', 't', 'E', '{}', 1)")
+    assert await conn.fetchval("SELECT count(*) FROM events") == 0
+
+
+async def test_duplicate_version_is_unique_violation_23505(conn):
+    await conn.execute(INSERT, "order_1", "E", "{}", 1)
+    with pytest.raises(asyncpg.UniqueViolationError) as refused:
+        await conn.execute(INSERT, "order_1", "E", "{}", 1)
+    assert refused.value.sqlstate == "23505"
+
+
+async def test_concurrent_same_version_one_wins_other_gets_23505(dsn):
+    first = await db.connect(dsn)
+    second = await db.connect(dsn)
+    try:
+        await first.execute(INSERT, "order_1", "E", "{}", 1)
+        tx = first.transaction()
+        await tx.start()
+        await first.execute(INSERT, "order_1", "E", "{}", 2)
+        racing = asyncio.create_task(second.execute(INSERT, "order_1", "E", "{}", 2))
+        await asyncio.sleep(0.2)
+        assert not racing.done()  # waits on the uncommitted duplicate
+        await tx.commit()
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await racing
+    finally:
+        await first.close()
+        await second.close()
+
+
+@pytest.mark.parametrize("statement", [
+    "UPDATE events SET data = '{}'",
+    "UPDATE events SET version = version WHERE false",
+    "DELETE FROM events",
+    "DELETE FROM events WHERE false",
+    "TRUNCATE events",
+    "TRUNCATE events CASCADE",
+])
+async def test_history_cannot_be_rewritten(conn, statement):
+    await conn.execute(INSERT, "order_1", "E", '{"a": 1}', 1)
+    with pytest.raises(asyncpg.PostgresError, match="append-only") as refused:
+        await conn.execute(statement)
+    assert refused.value.sqlstate == "0A000"
+    assert await conn.fetchval("SELECT data FROM events") == {"a": 1}
+
+
+async def test_position_cannot_be_chosen_by_a_producer(conn):
+    await conn.execute(
+        "INSERT INTO events (aggregate_id, aggregate_type, event_type, data, version, position) "
+        "VALUES ('a', 't', 'E', '{}', 1, 999999)")
+    assert await conn.fetchval("SELECT position FROM events") != 999999
+
+
+async def _collect_notifications(dsn: str, statement: str, *args: object) -> list[str]:
+    listener = await db.connect(dsn)
+    producer = await db.connect(dsn)
+    received: list[str] = []
+    try:
+        await listener.add_listener("events", lambda _c, _pid, _channel, payload: received.append(payload))
+        await producer.execute(statement, *args)
+        await asyncio.sleep(0.5)
+    finally:
+        await listener.close()
+        await producer.close()
+    return received
+
+
+async def test_2000_row_insert_sends_one_small_notification(dsn):
+    statement = ("INSERT INTO events (aggregate_id, aggregate_type, event_type, data, version) "
+                 "SELECT 'order_' || g, 'order', 'OrderCreated', jsonb_build_object('order_id', g), 1 "
+                 "FROM generate_series(1, 2000) g")
+    received = await _collect_notifications(dsn, statement)
+    assert len(received) == 1
+    assert len(received[0].encode()) < 100
+
+
+async def test_transaction_of_many_statements_notifies_once(dsn):
+    statement = ("DO $$ BEGIN FOR i IN 1..50 LOOP INSERT INTO events (aggregate_id, aggregate_type, event_type, "
+                 "data, version) VALUES ('agg', 't', 'E', '{}', i); END LOOP; END $$")
+    assert len(await _collect_notifications(dsn, statement)) == 1
+
+
+async def test_copy_is_held_to_the_same_rules(conn):
+    await conn.copy_records_to_table(
+        "events", columns=["aggregate_id", "aggregate_type", "event_type", "data", "version"],
+        records=[("c", "t", "E", "{}", 1), ("c", "t", "E", "{}", 2)])
+    assert await conn.fetchval("SELECT count(*) FROM events WHERE position IS NOT NULL") == 2
+    with pytest.raises(asyncpg.CheckViolationError):
+        await conn.copy_records_to_table(
+            "events", columns=["aggregate_id", "aggregate_type", "event_type", "data", "version"],
+            records=[("c", "t", "E", "{}", 4)])
+
+
+async def test_in_flight_appender_holds_the_horizon(dsn):
+    """An open transaction that appended keeps the horizon below its positions; others do not."""
+    producer = await db.connect(dsn)
+    other = await db.connect(dsn)
+    reader = await db.connect(dsn)
+    try:
+        await producer.execute(INSERT, "a", "E", "{}", 1)
+        open_tx = producer.transaction()
+        await open_tx.start()
+        await producer.execute(INSERT, "a", "E", "{}", 2)  # position 2, uncommitted
+        await other.execute(INSERT, "b", "E", "{}", 1)  # position 3, committed
+        unrelated = other.transaction()  # an open transaction on another table holds nothing back
+        await unrelated.start()
+        await other.execute("CREATE TEMP TABLE scratch (x int); INSERT INTO scratch VALUES (1)")
+        horizon, drawn = await reader.fetchrow("SELECT horizon, drawn FROM pgprojector_horizon()")
+        assert (horizon, drawn) == (1, 3)
+        blockers = await reader.fetch("SELECT pid, marker FROM pgprojector_in_flight_appenders")
+        assert [(b["pid"], b["marker"]) for b in blockers] == [(producer.get_server_pid(), 2)]
+        await open_tx.commit()
+        assert tuple(await reader.fetchrow("SELECT horizon, drawn FROM pgprojector_horizon()")) == (3, 3)
+        await unrelated.rollback()
+    finally:
+        for connection in (producer, other, reader):
+            await connection.close()
+
+
+async def test_rolled_back_savepoint_releases_the_marker(conn):
+    async with conn.transaction():
+        await conn.execute("SAVEPOINT s")
+        await conn.execute(INSERT, "a", "E", "{}", 1)
+        assert await conn.fetchval("SELECT count(*) FROM pgprojector_in_flight_appenders") == 1
+        await conn.execute("ROLLBACK TO SAVEPOINT s")
+        assert await conn.fetchval("SELECT count(*) FROM pgprojector_in_flight_appenders") == 0
+        await conn.execute(INSERT, "a", "E", "{}", 1)
+        assert await conn.fetchval("SELECT count(*) FROM pgprojector_in_flight_appenders") == 1
+    assert await conn.fetchval("SELECT count(*) FROM pgprojector_in_flight_appenders") == 0
+
+
+async def test_many_statements_in_one_transaction_take_one_marker(conn):
+    async with conn.transaction():
+        for version in range(1, 201):
+            await conn.execute(INSERT, "a", "E", "{}", version)
+        assert await conn.fetchval("SELECT count(*) FROM pgprojector_in_flight_appenders") == 1
+
+
+async def test_metadata_and_payload_roundtrip(conn):
+    await conn.execute(
+        "INSERT INTO events (aggregate_id, aggregate_type, event_type, data, metadata, version) "
+        "VALUES ('a', 't', 'E', $1, $2, 1)", json.dumps({"k": [1, 2]}), json.dumps({"trace": "x"}))
+    row = await conn.fetchrow("SELECT data, metadata FROM events")
+    assert row["data"] == {"k": [1, 2]} and row["metadata"] == {"trace": "x"}
