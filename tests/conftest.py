@@ -16,10 +16,13 @@ import pytest
 
 from pgprojector import db
 from pgprojector.embedded import EmbeddedPostgres
+from pgprojector.logging import configure_logging
 from pgprojector.migrations import migrate
 from pgprojector.projection import load_projections
 
 TEMPLATE = f"pgprojector_template_{os.getpid()}"
+
+configure_logging("info", "console")
 
 
 def _with_database(dsn: str, database: str) -> str:

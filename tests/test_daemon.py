@@ -1,0 +1,228 @@
+"""The daemon in-process against real PostgreSQL: the read models CONTRACT.md describes, and the read path."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from decimal import Decimal
+
+import anyio
+import asyncpg
+import pytest
+
+from pgprojector import EventStore, NewEvent, db
+from pgprojector.daemon import Daemon
+from pgprojector.projection import load_projections
+from pgprojector.settings import load_settings
+
+ALL = ["orders", "dashboard", "analytics"]
+
+
+@asynccontextmanager
+async def running_daemon(dsn: str, projections: list[str] = ALL, **settings: object) -> AsyncIterator[Daemon]:
+    daemon = Daemon(load_settings(dsn=dsn, projections=",".join(projections), **settings),
+                    load_projections(projections))
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(daemon.run)
+        try:
+            yield daemon
+        finally:
+            daemon.request_stop()
+
+
+async def wait_caught_up(conn: asyncpg.Connection, timeout: float = 30.0, names: list[str] | None = None) -> None:
+    """Until every (named) projection's checkpoint has reached the last event."""
+    with anyio.fail_after(timeout):
+        while True:
+            head = await conn.fetchval("SELECT coalesce(max(position), 0) FROM events")
+            behind = await conn.fetchval("SELECT count(*) FROM pgprojector_projections WHERE position < $1 "
+                                         "AND ($2::text[] IS NULL OR name = ANY($2))", head, names)
+            if behind == 0:
+                return
+            await anyio.sleep(0.02)
+
+
+def created(order_id: int, amount: str = "20.00", user_id: int = 7) -> NewEvent:
+    return NewEvent("OrderCreated", {"order_id": order_id, "user_id": user_id, "user_name": f"user {user_id}",
+                                     "items": [{"sku": "pizza", "qty": 1}], "total_amount": amount,
+                                     "delivery_address": "1 Main St"})
+
+
+def confirmed(order_id: int, restaurant_id: int = 3, eta: str = "2026-05-01T12:30:00+02:00") -> NewEvent:
+    return NewEvent("OrderConfirmed", {"order_id": order_id, "restaurant_id": restaurant_id,
+                                       "restaurant_name": f"R{restaurant_id}", "estimated_delivery": eta})
+
+
+def simple(event_type: str, order_id: int, **extra: object) -> NewEvent:
+    return NewEvent(event_type, {"order_id": order_id, **extra})
+
+
+async def test_orders_read_model_follows_each_event(dsn, pool, conn):
+    store = EventStore(pool)
+    await store.append("order_1", "order", [created(1, "12.34")], expected_version=0)
+    async with running_daemon(dsn, poll_interval=0.2):
+        await wait_caught_up(conn)
+        row = await conn.fetchrow("SELECT * FROM read_model_orders WHERE order_id = 1")
+        assert row["status"] == "created" and row["user_id"] == 7 and row["user_name"] == "user 7"
+        assert row["total_amount"] == Decimal("12.34") and row["current_version"] == 1
+        assert row["items"] == [{"sku": "pizza", "qty": 1}] and row["delivery_address"] == "1 Main St"
+        assert row["created_at"] == row["updated_at"]
+        steps = [
+            (confirmed(1), "confirmed"),
+            (simple("DriverAssigned", 1, driver_id=5, driver_name="Dora"), "driver_assigned"),
+            (simple("OrderPickedUp", 1), "picked_up"),
+            (simple("OrderDelivered", 1), "delivered"),
+        ]
+        for version, (event, status) in enumerate(steps, start=2):
+            await store.append("order_1", "order", [event], expected_version=version - 1)
+            await wait_caught_up(conn)
+            row = await conn.fetchrow("SELECT * FROM read_model_orders WHERE order_id = 1")
+            last = await conn.fetchrow("SELECT created_at FROM events WHERE aggregate_id='order_1' AND version=$1",
+                                       version)
+            assert (row["status"], row["current_version"], row["updated_at"]) == (status, version, last["created_at"])
+        assert (row["restaurant_id"], row["restaurant_name"], row["driver_name"]) == (3, "R3", "Dora")
+        assert row["estimated_delivery"].isoformat() == "2026-05-01T10:30:00+00:00"
+
+
+async def test_dashboard_and_restaurant_daily(dsn, conn):
+    # Explicit created_at, around UTC midnight, to pin the day bucketing.
+    async def put(order_id: int, version: int, event: NewEvent, at: str) -> None:
+        await conn.execute(
+            "INSERT INTO events (aggregate_id, aggregate_type, event_type, data, version, created_at) "
+            "VALUES ($1, 'order', $2, $3, $4, $5::timestamptz)",
+            f"order_{order_id}", event.event_type, json.dumps(dict(event.data)), version,
+            __import__("datetime").datetime.fromisoformat(at))
+
+    await put(1, 1, created(1, "10.00"), "2026-03-01T20:00:00+00:00")
+    await put(1, 2, confirmed(1, restaurant_id=9), "2026-03-01T23:30:00-02:00")  # 2026-03-02 UTC
+    await put(1, 3, simple("OrderDelivered", 1), "2026-03-02T23:59:59+00:00")
+    await put(2, 1, created(2, "5.50"), "2026-03-02T10:00:00+00:00")
+    await put(2, 2, confirmed(2, restaurant_id=9), "2026-03-02T10:05:00+00:00")
+    await put(2, 3, simple("OrderCancelled", 2, reason="late"), "2026-03-03T00:00:01+00:00")
+    await put(3, 1, created(3, "7.25"), "2026-03-02T11:00:00+00:00")
+    await put(3, 2, simple("OrderCancelled", 3, reason="changed mind"), "2026-03-02T11:01:00+00:00")
+    await put(4, 1, created(4, "1.00"), "2026-03-02T12:00:00+00:00")
+    await put(4, 2, simple("SomethingElse", 4), "2026-03-02T12:01:00+00:00")  # unknown type: passed over
+    async with running_daemon(dsn, poll_interval=0.2):
+        await wait_caught_up(conn)
+    dashboard = {r["status"]: (r["order_count"], r["total_amount"])
+                 for r in await conn.fetch("SELECT * FROM read_model_dashboard")}
+    assert dashboard == {"delivered": (1, Decimal("10.00")), "cancelled": (2, Decimal("12.75")),
+                         "created": (1, Decimal("1.00"))}
+    daily = {(r["restaurant_id"], r["day"].isoformat()): (r["confirmed"], r["delivered"], r["cancelled"], r["revenue"])
+             for r in await conn.fetch("SELECT * FROM read_model_restaurant_daily")}
+    assert daily == {(9, "2026-03-02"): (2, 1, 0, Decimal("10.00")), (9, "2026-03-03"): (0, 0, 1, Decimal("0.00"))}
+    assert await conn.fetchval("SELECT current_version FROM read_model_orders WHERE order_id = 4") == 1
+
+
+async def test_projection_defined_outside_the_package(dsn, pool, conn):
+    from pgprojector.migrations import setup_projection
+
+    custom = load_projections(["custom_projection:projection"])[0]
+    await setup_projection(conn, custom)
+    store = EventStore(pool)
+    await store.append("order_1", "order", [created(1), confirmed(1)], expected_version=0)
+    async with running_daemon(dsn, ["orders", "custom_projection:projection"], poll_interval=0.2):
+        await wait_caught_up(conn, names=["orders", "event_type_counts"])
+    counts = dict(await conn.fetch("SELECT event_type, seen FROM event_type_counts"))
+    assert counts == {"OrderCreated": 1, "OrderConfirmed": 1}
+
+
+async def test_open_transaction_on_another_table_does_not_hold_projections_back(dsn, pool, conn):
+    """An event committed beside a long open unrelated transaction is projected at notification speed."""
+    bystander = await db.connect(dsn)
+    try:
+        await bystander.execute("CREATE TABLE other (x int)")
+        open_tx = bystander.transaction()
+        await open_tx.start()
+        await bystander.execute("INSERT INTO other VALUES (1)")
+        async with running_daemon(dsn, ["orders"], poll_interval=5):
+            await wait_caught_up(conn, names=["orders"])
+            await anyio.sleep(0.3)  # idle: waiting on the notification now
+            started = time.perf_counter()
+            await EventStore(pool).append("order_1", "order", [created(1)], expected_version=0)
+            await wait_caught_up(conn, timeout=4, names=["orders"])  # well under the 5 s poll interval
+            assert time.perf_counter() - started < 2
+        await open_tx.rollback()
+    finally:
+        await bystander.close()
+
+
+async def test_open_appending_transaction_holds_later_events_until_it_ends(dsn, pool, conn):
+    """Never skip: an event committed after an open appender's position waits for it; then both, in order."""
+    store = EventStore(pool)
+    slow = await db.connect(dsn)
+    try:
+        tx = slow.transaction()
+        await tx.start()
+        await EventStore(slow).append("order_1", "order", [created(1)], expected_version=0)  # position 1, open
+        await store.append("order_2", "order", [created(2)], expected_version=0)  # position 2, committed
+        async with running_daemon(dsn, ["orders"], poll_interval=0.2):
+            await anyio.sleep(1.0)
+            assert await conn.fetchval("SELECT position FROM pgprojector_projections WHERE name='orders'") == 0
+            assert await conn.fetchval("SELECT count(*) FROM read_model_orders") == 0
+            from pgprojector.status import gather_status
+
+            report = await gather_status(conn)
+            assert [w["pid"] for w in report["waiting_on"]] == [slow.get_server_pid()]
+            await tx.commit()
+            await wait_caught_up(conn, names=["orders"])
+            assert await conn.fetchval("SELECT count(*) FROM read_model_orders") == 2
+    finally:
+        await slow.close()
+
+
+async def test_rolled_back_append_leaves_a_hole_that_is_passed(dsn, pool, conn):
+    store = EventStore(pool)
+    async with conn.transaction():
+        await EventStore(conn).append("order_1", "order", [created(1)], expected_version=0)
+        await conn.execute("SELECT 1")
+    rollback_conn = await db.connect(dsn)
+    try:
+        tx = rollback_conn.transaction()
+        await tx.start()
+        await EventStore(rollback_conn).append("order_9", "order", [created(9)], expected_version=0)
+        await tx.rollback()
+    finally:
+        await rollback_conn.close()
+    await store.append("order_2", "order", [created(2)], expected_version=0)
+    async with running_daemon(dsn, ["orders"], poll_interval=0.2):
+        await wait_caught_up(conn, names=["orders"])
+    assert sorted(r["order_id"] for r in await conn.fetch("SELECT order_id FROM read_model_orders")) == [1, 2]
+
+
+async def test_replayed_event_changes_nothing(dsn, pool, conn):
+    """An event whose version is not above current_version was applied already (e.g. after a rebuild of state)."""
+    store = EventStore(pool)
+    await store.append("order_1", "order", [created(1), confirmed(1)], expected_version=0)
+    async with running_daemon(dsn, poll_interval=0.2):
+        await wait_caught_up(conn)
+    before = [dict(r) for r in await conn.fetch("SELECT * FROM read_model_orders")]
+    dashboard_before = await conn.fetch("SELECT * FROM read_model_dashboard")
+    await conn.execute("UPDATE pgprojector_projections SET position = 0")  # replay the whole log
+    async with running_daemon(dsn, poll_interval=0.2):
+        await wait_caught_up(conn)
+    assert [dict(r) for r in await conn.fetch("SELECT * FROM read_model_orders")] == before
+    assert await conn.fetch("SELECT * FROM read_model_dashboard") == dashboard_before
+
+
+@pytest.mark.parametrize("bad", [
+    NewEvent("OrderConfirmed", {"order_id": 1}),  # fields missing
+    NewEvent("OrderCreated", {"order_id": 1, "user_id": 1, "user_name": "u", "items": [], "total_amount": "abc",
+                              "delivery_address": "x"}),
+    simple("OrderDelivered", 77),  # aggregate says order_1
+])
+async def test_bad_event_halts_projection_at_it(dsn, pool, conn, bad):
+    store = EventStore(pool)
+    await store.append("order_0", "order", [created(0)], expected_version=0)
+    await store.append("order_1", "order", [bad], expected_version=0)
+    await store.append("order_2", "order", [created(2)], expected_version=0)
+    async with running_daemon(dsn, ["orders"], poll_interval=0.1, max_attempts=2):
+        with anyio.fail_after(20):
+            while await conn.fetchval("SELECT state FROM pgprojector_projections WHERE name='orders'") != "halted":
+                await anyio.sleep(0.05)
+    row = await conn.fetchrow("SELECT * FROM pgprojector_projections WHERE name='orders'")
+    assert row["position"] == 1 and row["halted_at_position"] == 2 and row["last_error"]
+    assert [r["order_id"] for r in await conn.fetch("SELECT order_id FROM read_model_orders")] == [0]
