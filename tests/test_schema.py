@@ -216,3 +216,24 @@ async def test_metadata_and_payload_roundtrip(conn):
         "VALUES ('a', 't', 'E', $1, $2, 1)", json.dumps({"k": [1, 2]}), json.dumps({"trace": "x"}))
     row = await conn.fetchrow("SELECT data, metadata FROM events")
     assert row["data"] == {"k": [1, 2]} and row["metadata"] == {"trace": "x"}
+
+
+@pytest.mark.parametrize("forged", ["999999999999", "abc", "-5", "1"])
+async def test_forged_marker_setting_cannot_hide_an_open_appender(dsn, forged):
+    """A producer that sets the trigger's marker itself can hold the horizon back, never push it past its rows."""
+    producer = await db.connect(dsn)
+    other = await db.connect(dsn)
+    try:
+        for version in (1, 2, 3):
+            await other.execute(INSERT, "warmup", "E", "{}", version)
+        tx = producer.transaction()
+        await tx.start()
+        await producer.execute(f"SET LOCAL pgprojector.in_flight_marker = '{forged}'")
+        await producer.execute(INSERT, "a", "E", "{}", 1)  # position 4, uncommitted
+        await other.execute(INSERT, "b", "E", "{}", 1)  # position 5, committed
+        horizon = await other.fetchval("SELECT horizon FROM pgprojector_horizon()")
+        assert horizon < 4
+        await tx.rollback()
+    finally:
+        await producer.close()
+        await other.close()

@@ -55,20 +55,24 @@ CREATE OR REPLACE FUNCTION events_before_insert_statement() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     next_position BIGINT;
+    marker TEXT := current_setting('pgprojector.in_flight_marker', true);
 BEGIN
-    -- One marker per transaction is enough: the first one is the lowest, and it
-    -- is held until the transaction ends. (The setting is transaction-local and
-    -- undone with a rolled-back savepoint, exactly like the lock.)
-    IF coalesce(current_setting('pgprojector.in_flight_marker', true), '') <> '' THEN
-        RETURN NULL;
-    END IF;
     -- Read the sequence BEFORE any row of this statement draws a position, so
-    -- every position this transaction draws is >= next_position.
+    -- every position this statement draws is >= next_position.
     SELECT CASE WHEN is_called THEN last_value + 1 ELSE last_value END
       INTO next_position FROM events_position_seq;
-    PERFORM pg_advisory_xact_lock_shared(pgprojector_marker_key1(next_position),
-                                         pgprojector_marker_key2(next_position));
-    PERFORM set_config('pgprojector.in_flight_marker', next_position::text, true);
+    -- One marker per transaction: the first is the lowest, held until the end
+    -- (the setting is transaction-local and undone with a rolled-back
+    -- savepoint, exactly like the lock). It is taken again on every statement,
+    -- which costs nothing for a lock already held, and a value a client set
+    -- itself is only used when it is not above next_position: a forged marker
+    -- can hold the horizon back, never let it pass an uncommitted position.
+    IF marker IS NULL OR marker !~ '^[0-9]{1,18}$' OR marker::bigint > next_position THEN
+        marker := next_position::text;
+        PERFORM set_config('pgprojector.in_flight_marker', marker, true);
+    END IF;
+    PERFORM pg_advisory_xact_lock_shared(pgprojector_marker_key1(marker::bigint),
+                                         pgprojector_marker_key2(marker::bigint));
     RETURN NULL;
 END
 $$;

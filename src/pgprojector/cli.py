@@ -62,9 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
         return commands.add_parser(name, parents=[parent], help=summary, description=description)
 
-    command("migrate", "create or upgrade the schema (idempotent)",
-            "Create or upgrade the events table, its rules and triggers, pgprojector's own tables and the "
-            "configured projections' tables. Safe to run again, and from several processes at once.")
+    migrate = command("migrate", "create or upgrade the schema (idempotent)",
+                      "Create or upgrade the events table, its rules and triggers, pgprojector's own tables and "
+                      "the configured projections' tables. Safe to run again, and from several processes at once.")
+    migrate.add_argument("--roles", action="store_true",
+                         help="also create/refresh the pgprojector_producer and pgprojector_projector group roles "
+                              "and their grants (needs CREATEROLE); see sql/roles.sql")
     command("run", "run the projection daemon",
             "Keep the configured projections up to date with the events table until SIGTERM/SIGINT, which "
             "finish the batch in hand, commit and exit 0.")
@@ -124,13 +127,16 @@ async def _with_connection(settings: Settings, role: str, body: Callable[[asyncp
 
 
 async def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    from pgprojector.migrations import migrate
+    from pgprojector.migrations import apply_roles, migrate
     from pgprojector.projection import load_projections
 
     projections = load_projections(settings.projection_refs)
 
     async def body(conn: asyncpg.Connection) -> int:
         applied = await migrate(conn, settings.channel, projections)
+        if args.roles:
+            await apply_roles(conn, projections)
+            print("roles pgprojector_producer and pgprojector_projector are up to date")
         print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ", schema up to date")
               + f"; projections set up: {', '.join(p.name for p in projections)}")
         return EXIT_OK

@@ -17,7 +17,7 @@ import anyio
 import asyncpg
 import structlog
 
-from pgprojector import db
+from pgprojector import db, systemd
 from pgprojector.errors import ConfigError
 from pgprojector.listener import Listener, Wakeup
 from pgprojector.migrations import latest_version, schema_version, setup_projection
@@ -48,6 +48,9 @@ class Daemon:
         """Until a stop is requested; raises if the daemon cannot go on (the service manager restarts it)."""
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._watch_signals, outer.cancel_scope)
+            watchdog = systemd.watchdog_interval()
+            if watchdog is not None:
+                outer.start_soon(systemd.run_watchdog, watchdog)
             pool = await self._open_pool()
             if pool is None:  # stop requested before the database came up
                 outer.cancel_scope.cancel()
@@ -72,6 +75,7 @@ class Daemon:
         async with anyio.create_task_group() as side:
             side.start_soon(self._side_task, "listener", self.listener.run)
             side.start_soon(self._side_task, "heartbeat", lambda: self._heartbeat(pool))
+            side.start_soon(self._report_ready)
             async with anyio.create_task_group() as workers:
                 for worker in self.workers:
                     workers.start_soon(worker.run)
@@ -85,6 +89,14 @@ class Daemon:
             log.error("side_task_failed", task=name, error=db.describe_error(exc))
             raise
         raise RuntimeError(f"side task {name} ended unexpectedly")
+
+    async def _report_ready(self) -> None:
+        """READY=1 for systemd once every projection has caught up (or halted) the first time."""
+        for worker in self.workers:
+            await worker.caught_up_once.wait()
+        log.info("daemon_ready", projections=[p.name for p in self.projections])
+        systemd.notify_ready(f"running {', '.join(p.name for p in self.projections)}")
+        self.on_ready()
 
     async def _open_pool(self) -> asyncpg.Pool | None:
         failures = 0
@@ -104,6 +116,7 @@ class Daemon:
                 delay = backoff(failures, base=0.5, cap=30.0)
                 log.warning("database_unavailable", error=db.describe_error(exc), attempt=failures,
                             retry_in_s=round(delay, 2))
+                systemd.notify_status(f"waiting for the database: {db.describe_error(exc)}")
                 with anyio.move_on_after(delay):
                     await self.stopping.wait()
                 continue
@@ -123,7 +136,13 @@ class Daemon:
         registered = {row["name"] for row in await conn.fetch("SELECT name FROM pgprojector_projections")}
         for projection in self.projections:
             if projection.name not in registered:
-                await setup_projection(conn, projection)
+                try:
+                    await setup_projection(conn, projection)
+                except asyncpg.InsufficientPrivilegeError:
+                    raise ConfigError(
+                        f"projection {projection.name} is not set up and this role may not create its tables: "
+                        "run `pgprojector migrate` as the schema owner with the same PGPROJECTOR_PROJECTIONS"
+                    ) from None
                 log.info("projection_registered", projection=projection.name)
 
     async def _heartbeat(self, pool: asyncpg.Pool) -> None:
@@ -159,6 +178,7 @@ class Daemon:
                     scope.cancel()
 
     def request_stop(self) -> None:
+        systemd.notify_stopping("finishing the batch in hand")
         self.stopping.set()
         self._wake_all()
 

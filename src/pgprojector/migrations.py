@@ -62,6 +62,27 @@ async def setup_projection(conn: asyncpg.Connection, projection: Projection) -> 
         )
 
 
+async def apply_roles(conn: asyncpg.Connection, projections: Sequence[Projection] = ()) -> None:
+    """sql/roles.sql (the producer and projector group roles) plus grants on the projections' tables.
+
+    Under the migration lock: two concurrent GRANTs on one object can fail with
+    'tuple concurrently updated'.
+    """
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+    try:
+        await conn.execute(sqlfiles.read_sql("roles.sql"))
+        for projection in projections:
+            for table in projection.tables:
+                await conn.execute(f"GRANT ALL ON TABLE {_quote_ident(table)} TO pgprojector_projector")
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+    log.info("roles_applied", roles=["pgprojector_producer", "pgprojector_projector"])
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
 async def schema_version(conn: asyncpg.Connection) -> int | None:
     """The highest migration applied, or None on a database `migrate` has never touched."""
     exists = await conn.fetchval("SELECT to_regclass('pgprojector_migrations') IS NOT NULL")

@@ -74,6 +74,7 @@ class ProjectionWorker:
         self._db_failures = 0
         self._waiting_logged_for: int | None = None
         self.events_applied = 0
+        self.caught_up_once = anyio.Event()  # set the first time there is nothing left to apply (or it is halted)
 
     async def run(self) -> None:
         """The main loop. Returns when a stop is requested, after the batch in hand has committed."""
@@ -91,6 +92,8 @@ class ProjectionWorker:
             if self._db_failures:
                 self._log.info("database_reconnected", after_failures=self._db_failures)
                 self._db_failures = 0
+            if batch.halted or batch.caught_up:
+                self.caught_up_once.set()
             if batch.halted:
                 await self._sleep(self.poll_interval)  # until an operator resumes or rebuilds it
             elif batch.caught_up:
