@@ -226,3 +226,22 @@ async def test_bad_event_halts_projection_at_it(dsn, pool, conn, bad):
     row = await conn.fetchrow("SELECT * FROM pgprojector_projections WHERE name='orders'")
     assert row["position"] == 1 and row["halted_at_position"] == 2 and row["last_error"]
     assert [r["order_id"] for r in await conn.fetch("SELECT order_id FROM read_model_orders")] == [0]
+
+
+async def test_prometheus_endpoint(dsn, pool, conn):
+    import urllib.request
+
+    from pgprojector.embedded import _free_port
+
+    port = _free_port()
+    await EventStore(pool).append("order_1", "order", [created(1), confirmed(1)], expected_version=0)
+    async with running_daemon(dsn, poll_interval=0.2, metrics_port=port):
+        await wait_caught_up(conn)
+        await anyio.sleep(5.5)  # one heartbeat refreshes the lag gauges
+        body = await anyio.to_thread.run_sync(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
+    assert 'pgprojector_events_applied_total{projection="orders"} 2.0' in body
+    assert 'pgprojector_events_applied_total{projection="analytics"} 2.0' in body
+    assert 'pgprojector_lag_events{projection="orders"} 0.0' in body
+    assert 'pgprojector_batch_duration_seconds_count{projection="dashboard"} 1.0' in body
+    assert "pgprojector_reconnects_total" in body or "pgprojector_reconnects" in body

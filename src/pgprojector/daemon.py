@@ -20,6 +20,7 @@ import structlog
 from pgprojector import db, systemd
 from pgprojector.errors import ConfigError
 from pgprojector.listener import Listener, Wakeup
+from pgprojector.metrics import Metrics
 from pgprojector.migrations import latest_version, schema_version, setup_projection
 from pgprojector.projection import Projection
 from pgprojector.retry import backoff, is_transient
@@ -41,7 +42,9 @@ class Daemon:
         self.stopping = anyio.Event()
         self.wakeups = {projection.name: Wakeup() for projection in self.projections}
         self.workers: list[ProjectionWorker] = []
-        self.listener = Listener(self.dsn, settings.channel, self._wake_all)
+        self.metrics = Metrics(None)
+        self.listener = Listener(self.dsn, settings.channel, self._wake_all,
+                                 on_reconnect=lambda: self.metrics.reconnect("listener"))
         self.on_ready: Callable[[], None] = lambda: None
 
     async def run(self) -> None:
@@ -56,9 +59,11 @@ class Daemon:
                 outer.cancel_scope.cancel()
                 return
             try:
+                self.metrics = Metrics(self.settings.metrics_port)
                 await self._serve(pool)
             finally:
                 with anyio.CancelScope(shield=True):
+                    self.metrics.close()
                     await self._unregister(pool)
                     await pool.close()
                     log.info("daemon_stopped", events_applied=sum(w.events_applied for w in self.workers))
@@ -69,7 +74,7 @@ class Daemon:
             ProjectionWorker(pool, projection, batch_size=self.settings.batch_size,
                              poll_interval=self.settings.poll_interval, on_error=self.settings.on_error,
                              max_attempts=self.settings.max_attempts, stopping=self.stopping,
-                             wakeup=self.wakeups[projection.name])
+                             wakeup=self.wakeups[projection.name], metrics=self.metrics)
             for projection in self.projections
         ]
         async with anyio.create_task_group() as side:
@@ -154,6 +159,10 @@ class Daemon:
                     if updated == "UPDATE 0":  # a restored database, or someone cleaned the table
                         await conn.execute(queries()["register_daemon"], self.id, socket.gethostname(),
                                            os.getpid(), [p.name for p in self.projections])
+                    if self.metrics.enabled:
+                        for row in await conn.fetch(queries()["status"], 0):
+                            self.metrics.projection_state(row["name"], row["lag"], row["dead_letters"],
+                                                          row["state"] == "halted")
             except Exception as exc:
                 if not is_transient(exc):
                     raise

@@ -40,11 +40,12 @@ class Wakeup:
 
 
 class Listener:
-    def __init__(self, dsn: str, channel: str, on_wakeup: Callable[[], None]) -> None:
+    def __init__(self, dsn: str, channel: str, on_wakeup: Callable[[], None],
+                 on_reconnect: Callable[[], None] = lambda: None) -> None:
         self._dsn = dsn
         self._channel = channel
         self._on_wakeup = on_wakeup
-        self.reconnects = 0
+        self._on_reconnect = on_reconnect
 
     async def run(self) -> None:
         """Forever: connect, LISTEN, keep the connection alive; reconnect with backoff when it drops."""
@@ -58,6 +59,7 @@ class Listener:
                 await conn.add_listener(self._channel, lambda *_args: self._on_wakeup())
                 if failures:
                     log.info("listener_reconnected", channel=self._channel, after_failures=failures)
+                    self._on_reconnect()
                 failures = 0
                 # Notifications sent while nobody listened are lost: catch up now.
                 self._on_wakeup()
@@ -69,7 +71,6 @@ class Listener:
                 raise ConnectionError("listener connection closed")
             except TRANSIENT_ERRORS as exc:
                 failures += 1
-                self.reconnects += 1
                 delay = backoff(failures, base=0.2, cap=30.0)
                 log.warning("listener_reconnect", channel=self._channel, error=db.describe_error(exc),
                             retry_in_s=round(delay, 2))

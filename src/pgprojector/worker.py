@@ -12,6 +12,7 @@ import structlog
 from pgprojector import db
 from pgprojector.events import RecordedEvent
 from pgprojector.listener import Wakeup
+from pgprojector.metrics import Metrics
 from pgprojector.projection import Projection
 from pgprojector.retry import backoff, is_transient
 from pgprojector.sqlfiles import queries
@@ -58,6 +59,7 @@ class ProjectionWorker:
         max_attempts: int,
         stopping: anyio.Event,
         wakeup: Wakeup,
+        metrics: Metrics | None = None,
     ) -> None:
         self.pool = pool
         self.projection = projection
@@ -67,6 +69,7 @@ class ProjectionWorker:
         self.max_attempts = max_attempts
         self.stopping = stopping
         self.wakeup = wakeup
+        self.metrics = metrics or Metrics(None)
         self._types = sorted(projection.event_types) if projection.event_types is not None else None
         self._log = log.bind(projection=projection.name)
         self._isolate_until = 0  # after a failed batch: one event per transaction up to here
@@ -91,6 +94,7 @@ class ProjectionWorker:
                 continue
             if self._db_failures:
                 self._log.info("database_reconnected", after_failures=self._db_failures)
+                self.metrics.reconnect(self.projection.name)
                 self._db_failures = 0
             if batch.halted or batch.caught_up:
                 self.caught_up_once.set()
@@ -135,8 +139,10 @@ class ProjectionWorker:
             batch.first, batch.last = events[0].position, events[-1].position
             self.events_applied += len(events)
             self._attempts = 0
+            elapsed = time.perf_counter() - started
+            self.metrics.batch(self.projection.name, len(events), elapsed, new_position)
             self._log.info("batch_applied", first=batch.first, last=batch.last, events=len(events),
-                           checkpoint=new_position, ms=round((time.perf_counter() - started) * 1000, 1))
+                           checkpoint=new_position, ms=round(elapsed * 1000, 1))
         if batch.caught_up and not self._isolating():
             self._log.debug("caught_up", checkpoint=new_position)
         return batch
