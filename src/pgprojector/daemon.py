@@ -109,7 +109,7 @@ class Daemon:
             try:
                 pool = await db.create_pool(self.dsn, role="daemon", min_size=1,
                                             max_size=len(self.projections) + 3, timeout=10)
-                async with pool.acquire() as conn:
+                async with db.acquire(pool) as conn:
                     await self._check_schema(conn)
                     server_version = await conn.fetchval("SHOW server_version")
                     await conn.execute(queries()["register_daemon"], self.id, socket.gethostname(), os.getpid(),
@@ -154,7 +154,7 @@ class Daemon:
         while True:
             await anyio.sleep(HEARTBEAT_SECONDS)
             try:
-                async with pool.acquire() as conn:
+                async with db.acquire(pool) as conn:
                     updated = await conn.execute(queries()["heartbeat"], self.id)
                     if updated == "UPDATE 0":  # a restored database, or someone cleaned the table
                         await conn.execute(queries()["register_daemon"], self.id, socket.gethostname(),
@@ -171,7 +171,7 @@ class Daemon:
     async def _unregister(self, pool: asyncpg.Pool) -> None:
         try:
             with anyio.fail_after(5):
-                async with pool.acquire() as conn:
+                async with db.acquire(pool) as conn:
                     await conn.execute(queries()["unregister_daemon"], self.id)
         except Exception as exc:  # the heartbeat will simply age out
             log.warning("unregister_failed", error=db.describe_error(exc))

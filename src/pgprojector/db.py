@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -72,3 +74,35 @@ def describe_error(exc: BaseException) -> str:
     """`Type: message`, short enough for a log line; never includes a DSN."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__
+
+
+def connection_suspect(exc: BaseException) -> bool:
+    """Did this error come from the connection rather than from the SQL?"""
+    from pgprojector.retry import is_transient
+
+    return is_transient(exc) or isinstance(exc, asyncpg.InternalClientError)
+
+
+@asynccontextmanager
+async def acquire(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """pool.acquire(), but a connection that failed at the connection level is discarded, not reused.
+
+    After a backend is terminated mid-transaction, asyncpg can hand the same connection object back
+    out in a confused protocol state ("cannot switch to state 15; another operation is in progress",
+    asyncpg#784), and the reset on release can fail the same way. Terminating the connection makes
+    the pool open a fresh one; a failed release of such a connection is not the caller's error.
+    """
+    conn = await pool.acquire()
+    try:
+        yield conn
+    except BaseException as exc:
+        if connection_suspect(exc):
+            conn.terminate()
+        raise
+    finally:
+        try:
+            await pool.release(conn)
+        except Exception as exc:
+            if not connection_suspect(exc):
+                raise
+            conn.terminate()

