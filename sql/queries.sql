@@ -84,7 +84,8 @@ SELECT p.name, p.position, p.state, p.halted_at_position, p.last_error,
        (SELECT count(*) FROM events e WHERE e.position > p.position) AS lag,
        (SELECT count(*) FROM pgprojector_dead_letters d WHERE d.projection = p.name) AS dead_letters,
        EXISTS (SELECT 1 FROM pgprojector_daemons d
-               WHERE p.name = ANY(d.projections) AND d.heartbeat_at > now() - make_interval(secs => $1)) AS live
+               WHERE p.name = ANY(d.projections) AND d.heartbeat_at > now() - make_interval(secs => $1)) AS live,
+       EXISTS (SELECT 1 FROM pgprojector_active_rebuilds r WHERE r.name = p.name) AS rebuild_active
 FROM pgprojector_projections p
 ORDER BY p.name
 

@@ -12,7 +12,7 @@ import anyio
 import asyncpg
 
 from pgprojector import __doc__ as package_doc
-from pgprojector import db
+from pgprojector import db, ops
 from pgprojector.errors import ConfigError
 from pgprojector.logging import configure_logging
 from pgprojector.settings import Settings, load_settings
@@ -75,13 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "Per projection: checkpoint position, lag (events after it), state (running, halted, "
                      "stopped), dead letters and the last error; and any open transaction holding reads back.")
     status.add_argument("--json", action="store_true", help="print one JSON object")
-    dead = command("dead-letters", "list parked events", "List the events parked by projections running "
-                                                          "with PGPROJECTOR_ON_ERROR=park, with their errors.")
-    dead.add_argument("--json", action="store_true", help="print a JSON array")
     resume = command("resume", "resume a halted projection",
                      "Set a halted projection running again from its checkpoint (fix the cause first: the "
                      "event it halted at is tried again).")
     resume.add_argument("name", help="projection name")
+    ops.register(commands, parent)
     return parser
 
 
@@ -145,10 +143,10 @@ async def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    import structlog
+
     from pgprojector.daemon import Daemon
     from pgprojector.projection import load_projections
-
-    import structlog
 
     daemon = Daemon(settings, load_projections(settings.projection_refs))
     try:
@@ -171,9 +169,10 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             print(json.dumps(report))
             return EXIT_OK
         print(f"head position: {report['head_position'] if report['head_position'] is not None else '(empty log)'}")
-        print(f"{'projection':<20} {'state':<8} {'position':>10} {'lag':>8} {'dead':>5}  last error")
+        print(f"{'projection':<20} {'state':<16} {'position':>10} {'lag':>8} {'dead':>5}  last error")
         for p in report["projections"]:
-            print(f"{p['name']:<20} {p['state']:<8} {p['position']:>10} {p['lag']:>8} {p['dead_letters']:>5}  "
+            state = f"{p['state']} (rebuild)" if p["rebuilding"] else p["state"]
+            print(f"{p['name']:<20} {state:<16} {p['position']:>10} {p['lag']:>8} {p['dead_letters']:>5}  "
                   f"{p['last_error'] or '-'}")
         for blocker in report["waiting_on"]:
             print(f"waiting on: backend pid {blocker['pid']} ({blocker['application_name'] or '?'}), an open "
@@ -182,25 +181,6 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return await _with_connection(settings, "status", body)
-
-
-async def cmd_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
-    from pgprojector.status import dead_letters
-
-    async def body(conn: asyncpg.Connection) -> int:
-        letters = await dead_letters(conn)
-        if args.json:
-            print(json.dumps(letters))
-        elif not letters:
-            print("no dead letters")
-        else:
-            for letter in letters:
-                print(f"#{letter['id']} {letter['projection']} position {letter['position']} "
-                      f"{letter['event_type']} {letter['aggregate_id']} v{letter['version']} "
-                      f"attempts={letter['attempts']} parked {letter['parked_at']}\n    {letter['error']}")
-        return EXIT_OK
-
-    return await _with_connection(settings, "dead-letters", body)
 
 
 async def cmd_resume(settings: Settings, args: argparse.Namespace) -> int:
@@ -221,8 +201,8 @@ _HANDLERS: dict[str, Callable[[Settings, argparse.Namespace], Awaitable[int]]] =
     "migrate": cmd_migrate,
     "run": cmd_run,
     "status": cmd_status,
-    "dead-letters": cmd_dead_letters,
     "resume": cmd_resume,
+    **ops.HANDLERS,
 }
 
 

@@ -20,7 +20,14 @@ async def gather_status(conn: asyncpg.Connection) -> dict[str, Any]:
     blockers = await conn.fetch(sql["waiting_on"], horizon + 1)
     projections = []
     for row in await conn.fetch(sql["status"], STALE_AFTER_SECONDS):
-        state = "halted" if row["state"] == "halted" else ("running" if row["live"] else "stopped")
+        if row["state"] == "halted":
+            state = "halted"
+        elif row["state"] == "rebuilding":
+            # Replayed by `pgprojector rebuild`: running while that session lives; after a crash,
+            # stopped until someone runs the rebuild again.
+            state = "running" if row["rebuild_active"] else "stopped"
+        else:
+            state = "running" if row["live"] else "stopped"
         projections.append({
             "name": row["name"],
             "position": row["position"],
@@ -29,6 +36,7 @@ async def gather_status(conn: asyncpg.Connection) -> dict[str, Any]:
             "dead_letters": row["dead_letters"],
             "last_error": row["last_error"],
             "halted_at_position": row["halted_at_position"],
+            "rebuilding": row["state"] == "rebuilding",
         })
     return {
         "head_position": head,

@@ -1,0 +1,515 @@
+"""Operator commands: events, rebuild, dead-letters retry and health, against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import asyncpg
+import pytest
+from helpers import cli_env, run_cli
+
+from pgprojector import EventStore, NewEvent, Projection, RecordedEvent, db
+from pgprojector.daemon import Daemon
+from pgprojector.demo import OrderPlan, Stats, plan_order, produce
+from pgprojector.migrations import migrate
+from pgprojector.projection import load_projections
+from pgprojector.settings import load_settings
+
+TESTS = Path(__file__).resolve().parent
+
+
+def ops_command(*args: str) -> list[str]:
+    """The command line of `pgprojector ARGS`."""
+    return [sys.executable, "-m", "pgprojector", *args]
+
+
+def ops_env(dsn: str | None, **settings: str) -> dict[str, str]:
+    env = cli_env(dsn, **settings)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))  # for test_ops:flaky
+    return env
+
+
+def run_ops(*args: str, dsn: str | None = None, timeout: float = 60, **settings: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(ops_command(*args), env=ops_env(dsn, **settings), capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def start_ops(*args: str, dsn: str, **settings: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(ops_command(*args), env=ops_env(dsn, **settings), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@asynccontextmanager
+async def running_daemon(dsn: str, projections: str = "orders,dashboard,analytics", **settings: object
+                         ) -> AsyncIterator[Daemon]:
+    """The real daemon, in this process."""
+    options = {"poll_interval": 0.1, **settings}
+    config = load_settings(dsn=dsn, projections=projections, **options)
+    daemon = Daemon(config, load_projections(config.projection_refs))
+    async with anyio.create_task_group() as group:
+        group.start_soon(daemon.run)
+        try:
+            yield daemon
+        finally:
+            daemon.request_stop()
+
+
+async def wait_until(condition: Callable[[], Awaitable[bool]], timeout: float = 30.0, interval: float = 0.05) -> None:
+    with anyio.fail_after(timeout):
+        while not await condition():
+            await anyio.sleep(interval)
+
+
+async def head_position(conn: asyncpg.Connection) -> int:
+    return await conn.fetchval("SELECT coalesce(max(position), 0) FROM events")
+
+
+async def checkpoints(conn: asyncpg.Connection) -> dict[str, tuple[int, str]]:
+    return {row["name"]: (row["position"], row["state"])
+            for row in await conn.fetch("SELECT name, position, state FROM pgprojector_projections")}
+
+
+async def caught_up(conn: asyncpg.Connection, *names: str) -> bool:
+    head = await conn.fetchval("SELECT coalesce(max(position), 0) FROM events")
+    found = await checkpoints(conn)
+    return all(found[name][0] >= head and found[name][1] == "running" for name in names)
+
+
+async def table_rows(conn: asyncpg.Connection, table: str) -> set[str]:
+    return {json.dumps(dict(row), default=str, sort_keys=True) for row in await conn.fetch(f"SELECT * FROM {table}")}
+
+
+async def from_scratch(conn: asyncpg.Connection, projection: Projection) -> dict[str, set[str]]:
+    """The projection's tables as one pass over the whole log gives them, built in a scratch schema
+    inside a transaction that is rolled back."""
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        await conn.execute("CREATE SCHEMA scratch; SET LOCAL search_path = scratch, public")
+        await conn.execute(projection.schema)
+        rows = await conn.fetch("SELECT * FROM public.events ORDER BY position")
+        await projection.handle(conn, [RecordedEvent.from_record(row) for row in rows])
+        return {table: await table_rows(conn, f"scratch.{table}") for table in projection.tables}
+    finally:
+        await transaction.rollback()
+
+
+async def append_orders(store: EventStore, plans: Sequence[OrderPlan]) -> None:
+    for plan in plans:
+        await store.append(plan.aggregate_id, "order", list(plan.events), expected_version=0)
+
+
+# events ------------------------------------------------------------------------------------------
+
+
+async def insert_event(conn: asyncpg.Connection, aggregate_id: str, event_type: str, data: dict[str, object],
+                       version: int, created_at: str) -> int:
+    return await conn.fetchval(
+        "INSERT INTO events (aggregate_id, aggregate_type, event_type, data, metadata, version, created_at) "
+        "VALUES ($1, 'order', $2, $3, $4, $5, $6::text::timestamptz) RETURNING position",
+        aggregate_id, event_type, data, {"source": "test"}, version, created_at)
+
+
+async def run_ops_together(dsn: str, *commands: Sequence[str]) -> list[subprocess.CompletedProcess[str]]:
+    """`run_ops` for each command line, all at once."""
+    results: dict[int, subprocess.CompletedProcess[str]] = {}
+
+    async def run(index: int, args: Sequence[str]) -> None:
+        results[index] = await anyio.to_thread.run_sync(lambda: run_ops(*args, dsn=dsn))
+
+    async with anyio.create_task_group() as group:
+        for index, args in enumerate(commands):
+            group.start_soon(run, index, args)
+    return [results[index] for index in range(len(commands))]
+
+
+def json_lines(result: subprocess.CompletedProcess[str]) -> list[dict[str, object]]:
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+async def test_events_lists_the_log_for_people_and_for_scripts(conn, dsn):
+    await insert_event(conn, "order_1", "OrderCreated", {"order_id": 1, "total_amount": "12.50"}, 1,
+                       "2025-03-03T10:00:00Z")
+    await insert_event(conn, "order_2", "OrderCreated", {"order_id": 2}, 1, "2025-03-03T10:05:00Z")
+    await insert_event(conn, "order_1", "OrderConfirmed", {"order_id": 1, "restaurant_id": 7}, 2,
+                       "2025-03-03T10:10:00Z")
+    filtered = {
+        ("--type", "OrderConfirmed"): [3],
+        ("--type", "OrderConfirmed", "--type", "OrderCreated"): [1, 2, 3],
+        ("--after", "1"): [2, 3],
+        ("--aggregate", "order_1"): [1, 3],
+        ("--aggregate", "order_1", "--after", "1"): [3],
+    }
+    bad = [["--limit", "0"], ["--after", "-1"], ["--follow", "--as-of", "2025-03-03T10:00:00Z"]]
+    human, as_json, limited, *results = await run_ops_together(
+        dsn, ["events"], ["events", "--json"], ["events", "--limit", "2"],
+        *(["events", "--json", *args] for args in filtered), *(["events", *args] for args in bad))
+
+    assert human.returncode == 0, human.stderr
+    lines = human.stdout.splitlines()
+    assert len(lines) == 3
+    assert lines[0].split() == ["1", "2025-03-03T10:00:00.000Z", "order_1", "v1", "OrderCreated",
+                                '{"order_id":1,"total_amount":"12.50"}']
+    assert "order_1 v2  OrderConfirmed" in lines[2]
+
+    events = json_lines(as_json)
+    assert [(e["position"], e["aggregate_id"], e["version"]) for e in events] == [(1, "order_1", 1), (2, "order_2", 1),
+                                                                                   (3, "order_1", 2)]
+    first = events[0]
+    assert set(first) == {"id", "aggregate_id", "aggregate_type", "event_type", "data", "metadata", "version",
+                          "position", "created_at"}
+    assert first["data"] == {"order_id": 1, "total_amount": "12.50"} and first["metadata"] == {"source": "test"}
+    assert first["aggregate_type"] == "order" and first["created_at"] == "2025-03-03T10:00:00+00:00"
+
+    assert limited.returncode == 0 and len(limited.stdout.splitlines()) == 2
+    assert "continue with --after 2" in limited.stderr
+
+    for (args, expected), result in zip(filtered.items(), results, strict=False):
+        assert [e["position"] for e in json_lines(result)] == expected, args
+    assert [result.returncode for result in results[len(filtered):]] == [2] * len(bad)
+
+
+async def test_events_as_of_gives_an_aggregate_as_it_stood_then(conn, dsn):
+    for version, hour in ((1, 10), (2, 11), (3, 12)):
+        await insert_event(conn, "order_9", ["OrderCreated", "OrderConfirmed", "OrderCancelled"][version - 1],
+                           {"order_id": 9}, version, f"2025-03-03T{hour}:00:00Z")
+    expected = {
+        "2025-03-03T11:30:00+00:00": [1, 2],
+        "2025-03-03T12:30:00+01:00": [1, 2],  # 11:30 UTC
+        "2025-03-03T11:00:00": [1, 2],  # no zone: UTC; and "at or before"
+        "2025-03-03T09:59:59Z": [],
+        "2025-03-04": [1, 2, 3],
+    }
+    human, bad, *results = await run_ops_together(
+        dsn, ["events", "--aggregate", "order_9", "--as-of", "2025-03-03T11:30:00Z"],
+        ["events", "--aggregate", "order_9", "--as-of", "yesterday"],
+        *(["events", "--json", "--aggregate", "order_9", "--as-of", as_of] for as_of in expected))
+    for (as_of, versions), result in zip(expected.items(), results, strict=True):
+        assert [e["version"] for e in json_lines(result)] == versions, as_of
+    assert human.returncode == 0 and len(human.stdout.splitlines()) == 2
+    assert "order_9 as of 2025-03-03T11:30:00+00:00: version 2" in human.stderr
+    assert bad.returncode == 2 and "not an ISO 8601 timestamp" in bad.stderr
+
+
+async def test_events_follow_prints_new_events_in_order_without_skipping_any(conn, dsn):
+    with start_ops("events", "--follow", "--json", "--after", "0", dsn=dsn, poll_interval="5") as follower:
+        await _follow_in_order(conn, dsn, follower)
+
+
+async def _follow_in_order(conn: asyncpg.Connection, dsn: str, follower: subprocess.Popen[str]) -> None:
+    try:
+        store = EventStore(conn)
+        await store.append("order_1", "order", [NewEvent("OrderCreated", {"order_id": 1})], expected_version=0)
+        first = await anyio.to_thread.run_sync(follower.stdout.readline)  # type: ignore[union-attr]
+        assert json.loads(first)["aggregate_id"] == "order_1"
+
+        # An open transaction holds position p; a later one commits p+1 meanwhile. The follower must
+        # wait for p, not print p+1 and pass p over.
+        slow = await db.connect(dsn, role="tests")
+        try:
+            transaction = slow.transaction()
+            await transaction.start()
+            held = await EventStore(slow).append("order_2", "order", [NewEvent("OrderCreated", {"order_id": 2})],
+                                                 expected_version=0)
+            assert held == 1
+            await store.append("order_3", "order", [NewEvent("OrderCreated", {"order_id": 3})], expected_version=0)
+            await anyio.sleep(0.5)  # NOTIFY has fired for order_3
+            await transaction.commit()
+        finally:
+            await slow.close()
+        lines = [await anyio.to_thread.run_sync(follower.stdout.readline) for _ in range(2)]  # type: ignore[union-attr]
+        printed = [json.loads(line) for line in lines]
+        assert [e["aggregate_id"] for e in printed] == ["order_2", "order_3"]
+        assert printed[0]["position"] < printed[1]["position"]
+    finally:
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(timeout=10) == 0, follower.stderr.read()  # type: ignore[union-attr]
+
+
+async def test_events_follow_stops_after_limit(conn, dsn):
+    store = EventStore(conn)
+    for n in range(1, 4):
+        await store.append(f"order_{n}", "order", [NewEvent("OrderCreated", {"order_id": n})], expected_version=0)
+    result = run_ops("events", "--follow", "--after", "1", "--limit", "2", dsn=dsn, timeout=20)
+    assert result.returncode == 0, result.stderr
+    assert [line.split()[0] for line in result.stdout.splitlines()] == ["2", "3"]
+
+
+async def connected(conn: asyncpg.Connection, application_name: str) -> bool:
+    return bool(await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                                    application_name))
+
+
+async def test_events_follow_exits_0_on_sigterm_when_idle(conn, dsn):
+    with start_ops("events", "--follow", dsn=dsn) as follower:
+        await wait_until(lambda: connected(conn, "pgprojector-events"))  # its signal handlers are in place
+        follower.send_signal(signal.SIGTERM)
+        assert follower.wait(timeout=10) == 0, follower.stderr.read()  # type: ignore[union-attr]
+
+
+# rebuild -----------------------------------------------------------------------------------------
+
+
+async def test_rebuild_while_the_daemon_runs_and_producers_write(pool, conn, dsn):
+    from pgprojector.projections import analytics, dashboard, orders
+
+    rng = random.Random(7)
+    store = EventStore(pool)
+    await append_orders(store, [plan_order(order_id, rng) for order_id in range(1, 401)])
+    async with running_daemon(dsn):  # every projection built once
+        await wait_until(lambda: caught_up(conn, "orders", "dashboard", "analytics"))
+    analytics_before = await checkpoints(conn)
+    analytics_tables = {table: await table_rows(conn, table) for table in analytics.projection.tables}
+
+    # Now a daemon without analytics: its checkpoint and tables must stay exactly as they are.
+    async with running_daemon(dsn, projections="orders,dashboard", batch_size=50):
+        stats = Stats()
+        more = [plan_order(order_id, rng) for order_id in range(401, 3401)]
+        async with anyio.create_task_group() as producers:
+            for number in range(4):  # two producers per order: conflicts included
+                producers.start_soon(produce, store, more[number % 2::2], stats, random.Random(number))
+            start = await head_position(conn)
+
+            async def producing() -> bool:
+                return await head_position(conn) > start
+
+            await wait_until(producing)
+            head_before = await head_position(conn)
+            existing = await conn.fetchval("SELECT count(*) FROM events")
+            rebuild = await anyio.to_thread.run_sync(
+                lambda: run_ops("rebuild", "orders", dsn=dsn, batch_size="50", timeout=120))
+            head_after = await head_position(conn)
+            producers.cancel_scope.cancel()
+        assert rebuild.returncode == 0, rebuild.stderr
+        assert "projection orders rebuilt" in rebuild.stdout
+        applied = int(rebuild.stdout.split(": ")[1].split()[0])
+        assert applied >= existing  # the whole log, not just what came after
+        caught_up_at = int(re.search(r"up to position (\d+)", rebuild.stdout)[1])  # type: ignore[index]
+        assert head_before < caught_up_at < head_after  # it chased a growing log, and handed over mid-stream
+        await wait_until(lambda: caught_up(conn, "orders", "dashboard"))
+
+    after = await checkpoints(conn)
+    assert after["analytics"] == analytics_before["analytics"]
+    assert {table: await table_rows(conn, table) for table in analytics.projection.tables} == analytics_tables
+    assert after["orders"][1] == "running"
+    for projection in (orders.projection, dashboard.projection):
+        expected = await from_scratch(conn, projection)
+        assert {table: await table_rows(conn, table) for table in projection.tables} == expected, projection.name
+    assert await conn.fetchval("SELECT count(*) FROM read_model_orders") == \
+        await conn.fetchval("SELECT count(DISTINCT aggregate_id) FROM events")
+
+
+async def test_interrupted_rebuild_resumes_and_shows_in_the_view(pool, conn, dsn):
+    from pgprojector.projections import orders
+    from pgprojector.rebuild import Rebuild, RebuildError
+
+    rng = random.Random(3)
+    await append_orders(EventStore(pool), [plan_order(order_id, rng) for order_id in range(1, 101)])
+
+    stopping = anyio.Event()
+    positions: list[int] = []
+
+    def progress(position: int, target: int, applied: int, done: bool) -> None:
+        positions.append(position)
+        stopping.set()  # as a Ctrl-C after the first batch would
+
+    interrupted = Rebuild(conn, orders.projection, batch_size=40, on_error="halt", max_attempts=1, channel="events",
+                          on_progress=progress, stopping=stopping)
+    with pytest.raises(RebuildError, match="run it again to resume"):
+        await interrupted.run()
+    assert (await checkpoints(conn))["orders"] == (positions[0], "rebuilding")
+    assert await conn.fetchval("SELECT count(*) FROM pgprojector_active_rebuilds") == 0  # nobody is at it now
+
+    # Another session holding the rebuild lock: a second rebuild of the same projection is refused.
+    other = await db.connect(dsn, role="tests")
+    try:
+        assert await other.fetchval("SELECT pgprojector_try_lock_rebuild('orders')")
+        refused = run_ops("rebuild", "orders", dsn=dsn)
+        assert refused.returncode == 1 and "already running" in refused.stderr
+        assert await conn.fetchval("SELECT name FROM pgprojector_active_rebuilds") == "orders"
+    finally:
+        await other.close()
+
+    resumed = run_ops("rebuild", "orders", dsn=dsn)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from position {positions[0]}" in resumed.stdout
+    assert (await checkpoints(conn))["orders"][1] == "running"
+    assert await table_rows(conn, "read_model_orders") == (await from_scratch(conn, orders.projection))[
+        "read_model_orders"]
+
+    restarted = run_ops("rebuild", "orders", "--restart", dsn=dsn)
+    assert restarted.returncode == 0 and "resumed" not in restarted.stdout
+    assert run_ops("rebuild", "no_such_projection", dsn=dsn).returncode == 2
+
+
+async def test_status_shows_a_rebuild_as_running_or_stopped(conn, dsn):
+    from pgprojector.status import gather_status
+
+    await conn.execute("UPDATE pgprojector_projections SET state = 'rebuilding' WHERE name = 'orders'")
+
+    async def orders_status() -> dict[str, object]:
+        return next(p for p in (await gather_status(conn))["projections"] if p["name"] == "orders")
+
+    if "rebuilding" not in await orders_status():
+        pytest.skip("status.py does not report rebuilds yet")
+    interrupted = await orders_status()
+    assert (interrupted["state"], interrupted["rebuilding"]) == ("stopped", True)  # nobody is at it
+    rebuilder = await db.connect(dsn, role="tests")
+    try:
+        assert await rebuilder.fetchval("SELECT pgprojector_try_lock_rebuild('orders')")
+        assert (await orders_status())["state"] == "running"
+        shown = run_cli("status", "--json", dsn=dsn)
+        assert shown.returncode == 0, shown.stderr
+        states = {p["name"]: p["state"] for p in json.loads(shown.stdout)["projections"]}
+        assert states == {"orders": "running", "dashboard": "stopped", "analytics": "stopped"}
+    finally:
+        await rebuilder.close()
+
+
+# dead letters ------------------------------------------------------------------------------------
+
+
+async def _flaky_handle(conn: asyncpg.Connection, events: Sequence[RecordedEvent]) -> None:
+    """Refuses the events of aggregates not yet on its allow list: an operator can fix that cause."""
+    for event in events:
+        if not await conn.fetchval("SELECT true FROM flaky_allowed WHERE aggregate_id = $1", event.aggregate_id):
+            raise ValueError(f"{event.aggregate_id} is not allowed yet")
+        await conn.execute("INSERT INTO flaky_seen (position, aggregate_id) VALUES ($1, $2)", event.position,
+                           event.aggregate_id)
+
+
+flaky = Projection(
+    name="flaky",
+    handle=_flaky_handle,
+    schema="CREATE TABLE IF NOT EXISTS flaky_allowed (aggregate_id TEXT PRIMARY KEY);"
+           "CREATE TABLE IF NOT EXISTS flaky_seen (position BIGINT PRIMARY KEY, aggregate_id TEXT NOT NULL);",
+    tables=("flaky_seen",),
+)
+
+
+async def test_dead_letters_retry_applies_parked_events_once_fixed(conn, dsn):
+    await migrate(conn, "events", [flaky])
+    await conn.execute("INSERT INTO flaky_allowed VALUES ('a_1')")
+    store = EventStore(conn)
+    for aggregate in ("a_1", "b_1", "a_2", "b_2"):
+        await store.append(aggregate, "thing", [NewEvent("Happened", {"n": 1})], expected_version=0)
+    await conn.execute("INSERT INTO flaky_allowed VALUES ('a_2')")
+    async with running_daemon(dsn, projections="test_ops:flaky", on_error="park", max_attempts=1):
+        await wait_until(lambda: caught_up(conn, "flaky"))
+    parked = await conn.fetch("SELECT id, event_position FROM pgprojector_dead_letters ORDER BY id")
+    assert len(parked) == 2
+    assert await conn.fetchval("SELECT count(*) FROM flaky_seen") == 2
+
+    listed = run_ops("dead-letters", "--json", dsn=dsn, projections="test_ops:flaky")
+    assert listed.returncode == 0 and len(json.loads(listed.stdout)) == 2
+    listed = run_ops("dead-letters", "list", "--json", dsn=dsn, projections="test_ops:flaky")
+    assert listed.returncode == 0 and len(json.loads(listed.stdout)) == 2
+
+    still_broken = run_ops("dead-letters", "retry", "--all", dsn=dsn, projections="test_ops:flaky")
+    assert still_broken.returncode == 1
+    assert still_broken.stdout.count("FAILED") == 2 and "b_1 is not allowed yet" in still_broken.stdout
+    assert await conn.fetchval("SELECT sum(attempts) FROM pgprojector_dead_letters") == 4  # 1 each, +1 each
+
+    await conn.execute("INSERT INTO flaky_allowed VALUES ('b_1')")  # the cause of the first one, fixed
+    one = run_ops("dead-letters", "retry", str(parked[0]["id"]), dsn=dsn, projections="test_ops:flaky")
+    assert one.returncode == 0, one.stdout + one.stderr
+    assert "1 of 1 dead letter(s) resolved" in one.stdout
+    assert await conn.fetchval("SELECT aggregate_id FROM flaky_seen WHERE position = $1",
+                               parked[0]["event_position"]) == "b_1"
+
+    await conn.execute("INSERT INTO flaky_allowed VALUES ('b_2')")
+    rest = run_ops("dead-letters", "retry", "--all", "--projections", "test_ops:flaky", dsn=dsn)
+    assert rest.returncode == 0, rest.stdout + rest.stderr
+    assert await conn.fetchval("SELECT count(*) FROM pgprojector_dead_letters") == 0
+    assert await conn.fetchval("SELECT count(*) FROM flaky_seen") == 4
+    assert await conn.fetchval("SELECT last_error FROM pgprojector_projections WHERE name = 'flaky'") is None
+
+    assert run_ops("dead-letters", "retry", "--all", dsn=dsn).stdout.strip() == "no dead letters"
+    missing = run_ops("dead-letters", "retry", "99", dsn=dsn)
+    assert missing.returncode == 1 and "no dead letter #99" in missing.stderr
+    assert run_ops("dead-letters", "retry", dsn=dsn).returncode == 2
+    assert run_ops("dead-letters", "retry", "1", "--all", dsn=dsn).returncode == 2
+
+
+async def test_rebuild_parks_or_halts_at_an_event_that_keeps_failing(conn, dsn):
+    await migrate(conn, "events", [flaky])
+    await conn.execute("INSERT INTO flaky_allowed VALUES ('a_1'), ('a_2')")
+    store = EventStore(conn)
+    for aggregate in ("a_1", "b_1", "a_2"):  # b_1, at position 2, is refused
+        await store.append(aggregate, "thing", [NewEvent("Happened", {"n": 1})], expected_version=0)
+    settings = {"projections": "test_ops:flaky", "max_attempts": "1"}
+
+    parked = run_ops("rebuild", "flaky", dsn=dsn, on_error="park", **settings)
+    assert parked.returncode == 0, parked.stderr
+    assert "1 parked as dead letters" in parked.stdout
+    assert await conn.fetchval("SELECT event_position FROM pgprojector_dead_letters") == 2
+    assert await conn.fetchval("SELECT array_agg(position ORDER BY position) FROM flaky_seen") == [1, 3]
+    assert (await checkpoints(conn))["flaky"] == (3, "running")
+
+    halted = run_ops("rebuild", "flaky", dsn=dsn, on_error="halt", **settings)
+    assert halted.returncode == 1
+    assert "projection flaky halted at position 2 (Happened b_1 v1): ValueError: b_1 is not allowed yet" in halted.stderr
+    row = await conn.fetchrow("SELECT state, position, halted_at_position FROM pgprojector_projections "
+                              "WHERE name = 'flaky'")
+    assert tuple(row) == ("halted", 1, 2)
+    assert await conn.fetchval("SELECT array_agg(position) FROM flaky_seen") == [1]
+    assert await conn.fetchval("SELECT count(*) FROM pgprojector_dead_letters") == 0  # re-evaluated by the rebuild
+
+
+# health ------------------------------------------------------------------------------------------
+
+
+async def test_health_follows_the_daemon_heartbeat(conn, dsn):
+    nobody = run_ops("health", dsn=dsn)
+    assert nobody.returncode == 1 and "no daemon registered" in nobody.stdout
+
+    daemon = subprocess.Popen([sys.executable, "-m", "pgprojector", "run"], env=cli_env(dsn, poll_interval="0.2"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while (healthy := run_ops("health", dsn=dsn)).returncode != 0:
+            assert time.monotonic() < deadline, healthy.stdout + healthy.stderr
+            await anyio.sleep(0.2)
+        assert healthy.stdout.startswith("healthy: 1 daemon(s) alive")
+
+        await conn.execute("UPDATE pgprojector_projections SET state = 'halted', halted_at_position = 1, "
+                           "last_error = 'boom' WHERE name = 'dashboard'")
+        halted = run_ops("health", dsn=dsn)
+        assert halted.returncode == 1 and "dashboard halted at position 1: boom" in halted.stdout
+        await conn.execute("UPDATE pgprojector_projections SET state = 'running' WHERE name = 'dashboard'")
+        assert run_ops("health", dsn=dsn).returncode == 0
+    finally:
+        daemon.kill()  # SIGKILL: no unregistering, the heartbeat row stays and ages
+        daemon.wait()
+    await anyio.sleep(1.2)
+    dead = run_ops("health", "--max-age", "1", dsn=dsn)
+    assert dead.returncode == 1 and "no daemon alive" in dead.stdout, dead.stdout
+    assert run_ops("health", "--max-age", "0", dsn=dsn).returncode == 2
+
+
+async def test_health_fails_when_a_projection_stops_moving(conn, dsn):
+    await conn.execute("INSERT INTO pgprojector_daemons (id, hostname, pid, projections) "
+                       "VALUES (gen_random_uuid(), 'elsewhere', 1, ARRAY['orders'])")
+    assert run_ops("health", dsn=dsn).returncode == 0  # caught up (an empty log)
+    await EventStore(conn).append("order_1", "order", [NewEvent("OrderCreated", {"order_id": 1})], expected_version=0)
+    await conn.execute("UPDATE pgprojector_projections SET updated_at = now() - interval '1 minute'")
+    await conn.execute("UPDATE pgprojector_daemons SET heartbeat_at = now()")
+    stuck = run_ops("health", "--max-age", "30", dsn=dsn)
+    assert stuck.returncode == 1
+    assert re.search(r"orders is 1 events behind and has not moved for 6\ds", stuck.stdout), stuck.stdout
+
+    await conn.execute("UPDATE pgprojector_projections SET state = 'rebuilding' WHERE name = 'orders'")
+    crashed = run_ops("health", dsn=dsn)
+    assert crashed.returncode == 1 and "a rebuild was interrupted" in crashed.stdout
