@@ -306,7 +306,8 @@ async def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
     progress = _ProgressBar(projection.name, sys.stderr) if sys.stderr.isatty() else _ProgressLog(projection.name)
 
     async def rebuild_until_signalled(conn: asyncpg.Connection, stopping: anyio.Event) -> int:
-        rebuild = Rebuild(conn, projection, batch_size=settings.batch_size, on_error=settings.on_error,
+        pool = await db.create_pool(settings.require_dsn(), role="rebuild", min_size=1, max_size=2)
+        rebuild = Rebuild(conn, pool, projection, batch_size=settings.batch_size, on_error=settings.on_error,
                           max_attempts=settings.max_attempts, channel=settings.channel, restart=args.restart,
                           on_progress=progress, stopping=stopping)
         try:
@@ -320,6 +321,7 @@ async def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
                                f"({db.describe_error(exc)}): run it again to resume") from None
         finally:
             progress.close()
+            await pool.close()
         resumed = f" (resumed from position {report.resumed_from})" if report.resumed_from is not None else ""
         parked = f", {report.parked} parked as dead letters" if report.parked else ""
         print(f"projection {report.projection} rebuilt{resumed}: {report.applied} events applied up to position "

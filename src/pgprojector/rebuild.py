@@ -23,16 +23,14 @@ import anyio
 import asyncpg
 import structlog
 
-from pgprojector import db
 from pgprojector.errors import PgProjectorError
-from pgprojector.events import RecordedEvent
+from pgprojector.listener import Wakeup
 from pgprojector.projection import Projection
-from pgprojector.retry import TRANSIENT_ERRORS, backoff, is_transient
+from pgprojector.retry import TRANSIENT_ERRORS
 from pgprojector.sqlfiles import queries
+from pgprojector.worker import Batch, ProjectionWorker
 
 log = structlog.get_logger("pgprojector.rebuild")
-
-MAX_ERROR_TEXT = 2000
 
 # (checkpoint position, target position, events applied, caught up)
 ProgressCallback = Callable[[int, int, int, bool], None]
@@ -52,27 +50,11 @@ class RebuildReport:
     resumed_from: int | None  # None: started from the beginning of the log
 
 
-class _EventFailed(Exception):
-    def __init__(self, cause: BaseException, first: int, last: int, event: RecordedEvent) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
-        self.first = first
-        self.last = last
-        self.event = event
-
-
-@dataclass
-class _Batch:
-    applied: int
-    position: int
-    horizon: int
-    caught_up: bool
-
-
 class Rebuild:
     def __init__(
         self,
         conn: asyncpg.Connection,
+        pool: asyncpg.Pool,
         projection: Projection,
         *,
         batch_size: int,
@@ -83,19 +65,22 @@ class Rebuild:
         on_progress: ProgressCallback | None = None,
         stopping: anyio.Event | None = None,
     ) -> None:
+        """`conn` holds the rebuild's session lock; the batches run on `pool`, through the daemon's own
+        worker code (ProjectionWorker), applying while the checkpoint says 'rebuilding'."""
         self.conn = conn
         self.projection = projection
         self.name = projection.name
-        self.batch_size = batch_size
-        self.on_error = on_error
-        self.max_attempts = max_attempts
         self.channel = channel
         self.restart = restart
         self.on_progress = on_progress or (lambda position, target, applied, done: None)
         self.stopping = stopping or anyio.Event()
-        self._types = sorted(projection.event_types) if projection.event_types is not None else None
         self._log = log.bind(projection=projection.name)
         self.position = 0
+        self.worker = ProjectionWorker(
+            pool, projection, batch_size=batch_size, poll_interval=1.0, on_error=on_error,
+            max_attempts=max_attempts, stopping=self.stopping, wakeup=Wakeup(), active_state="rebuilding",
+            on_caught_up=self._hand_back,
+        )
 
     async def run(self) -> RebuildReport:
         started = time.monotonic()
@@ -115,42 +100,50 @@ class Rebuild:
         target = await self.conn.fetchval("SELECT horizon FROM pgprojector_horizon()")
         self._log.info("rebuild_started", from_position=self.position, target=target,
                        resumed=resumed_from is not None)
-        applied = parked = 0
-        attempts = 0
-        isolate_until = 0  # after a failed batch: one event per transaction up to there
+        parked_before = await self._parked()
         while True:
             if self.stopping.is_set():
                 raise RebuildError(f"rebuild of {self.name} interrupted at position {self.position}: "
                                    "run it again to resume")
-            try:
-                batch = await self._apply_batch(1 if isolate_until else self.batch_size)
-            except _EventFailed as failure:
-                if failure.first != failure.last and not isolate_until:
-                    isolate_until = failure.last
-                    continue
-                attempts += 1
-                if attempts < self.max_attempts:
-                    with anyio.move_on_after(backoff(attempts, base=0.2, cap=10.0)):
-                        await self.stopping.wait()
-                    continue
-                await self._give_up(failure)
-                parked += 1
-                attempts = 0
-                if isolate_until <= failure.event.position:
-                    isolate_until = 0
-                continue
-            attempts = 0
-            applied += batch.applied
-            if isolate_until and batch.position >= isolate_until:
-                isolate_until = 0
+            batch = await self.worker.step()
+            if batch is None:
+                continue  # a failing event: retried, parked or halted by the worker
+            if batch.inactive:
+                await self._stopped_by(batch)
+            self.position = batch.checkpoint
             target = max(target, batch.horizon)
-            self.on_progress(batch.position, target, applied, batch.caught_up)
+            self.on_progress(batch.checkpoint, target, self.worker.events_applied, batch.caught_up)
             if batch.caught_up:
                 break
-        report = RebuildReport(self.name, applied, self.position, parked, time.monotonic() - started, resumed_from)
-        self._log.info("rebuild_finished", events=applied, checkpoint=self.position, parked=parked,
+        parked = await self._parked() - parked_before
+        report = RebuildReport(self.name, self.worker.events_applied, self.position, parked,
+                               time.monotonic() - started, resumed_from)
+        self._log.info("rebuild_finished", events=report.applied, checkpoint=self.position, parked=parked,
                        seconds=round(report.seconds, 2))
         return report
+
+    async def _hand_back(self, conn: asyncpg.Connection) -> None:
+        """In the transaction of the batch that caught up: the daemon takes over from here."""
+        await conn.execute("UPDATE pgprojector_projections SET state = 'running', updated_at = now() WHERE name = $1",
+                           self.name)
+        await conn.execute("SELECT pg_notify($1, '')", self.channel)  # wake the daemons now, not at their next poll
+
+    async def _parked(self) -> int:
+        return await self.conn.fetchval("SELECT count(*) FROM pgprojector_dead_letters WHERE projection = $1",
+                                        self.name)
+
+    async def _stopped_by(self, batch: Batch) -> None:
+        row = await self.conn.fetchrow(
+            "SELECT p.state, p.halted_at_position, p.last_error, e.event_type, e.aggregate_id, e.version "
+            "FROM pgprojector_projections p LEFT JOIN events e ON e.position = p.halted_at_position "
+            "WHERE p.name = $1", self.name)
+        if row is not None and row["state"] == "halted":
+            raise RebuildError(
+                f"projection {self.name} halted at position {row['halted_at_position']} ({row['event_type']} "
+                f"{row['aggregate_id']} v{row['version']}): {row['last_error']}. "
+                f"Fix the cause, then `pgprojector resume {self.name}` to go on from there, or rebuild again")
+        raise RebuildError(f"projection {self.name} was changed by someone else during the rebuild "
+                           f"(state now {batch.state or 'gone'}): rebuild stopped")
 
     async def _take_rebuild_lock(self) -> None:
         """Held by this session until it ends: one rebuild per projection, and `status` can see it."""
@@ -187,66 +180,3 @@ class Rebuild:
             raise RebuildError(f"projection {self.name}: table(s) {', '.join(missing)} do not exist: "
                                "run `pgprojector migrate`")
         return [row["quoted"] for row in rows]
-
-    async def _apply_batch(self, limit: int) -> _Batch:
-        sql = queries()
-        async with self.conn.transaction():
-            checkpoint = await self._lock_rebuilding()
-            position = checkpoint["position"]
-            horizon, _drawn = await self.conn.fetchrow(sql["horizon"])
-            rows = await self.conn.fetch(sql["read_batch"], position, horizon, self._types, limit)
-            events = [RecordedEvent.from_record(row) for row in rows]
-            if events:
-                try:
-                    await self.projection.handle(self.conn, events)
-                except Exception as exc:
-                    if is_transient(exc):
-                        raise
-                    raise _EventFailed(exc, events[0].position, events[-1].position, events[0]) from exc
-            caught_up = len(events) < limit
-            # A short read saw everything up to the horizon: no event at or below it can still appear.
-            new_position = max(position, horizon) if caught_up else events[-1].position
-            if new_position != position:
-                await self.conn.execute(sql["save_checkpoint"], self.name, new_position)
-            if caught_up:
-                await self.conn.execute(
-                    "UPDATE pgprojector_projections SET state = 'running', updated_at = now() WHERE name = $1",
-                    self.name)
-                # Wake the daemons now rather than at their next poll.
-                await self.conn.execute("SELECT pg_notify($1, '')", self.channel)
-        self.position = new_position
-        return _Batch(len(events), new_position, horizon, caught_up)
-
-    async def _lock_rebuilding(self) -> asyncpg.Record:
-        checkpoint = await self.conn.fetchrow(queries()["lock_checkpoint"], self.name)
-        if checkpoint is None or checkpoint["state"] != "rebuilding":
-            state = checkpoint["state"] if checkpoint is not None else "gone"
-            raise RebuildError(f"projection {self.name} was changed by someone else during the rebuild "
-                               f"(state now {state}): rebuild stopped")
-        return checkpoint
-
-    async def _give_up(self, failure: _EventFailed) -> None:
-        """After max attempts: park the event and go on, or halt the projection there and stop."""
-        sql = queries()
-        event = failure.event
-        error = db.describe_error(failure.cause)[:MAX_ERROR_TEXT]
-        context = {"position": event.position, "event_type": event.event_type, "aggregate_id": event.aggregate_id,
-                   "version": event.version, "attempts": self.max_attempts, "error": error}
-        async with self.conn.transaction():
-            await self._lock_rebuilding()
-            if self.on_error == "park":
-                await self.conn.execute(sql["park_event"], self.name, event.position, event.id, error,
-                                        self.max_attempts)
-                await self.conn.execute(sql["save_checkpoint"], self.name, event.position)
-                await self.conn.execute(sql["record_error"], self.name, error)
-            else:
-                await self.conn.execute(sql["halt_projection"], self.name, event.position, error)
-        if self.on_error == "park":
-            self.position = event.position
-            self._log.error("event_parked", **context)
-            return
-        self._log.error("projection_halted", **context)
-        raise RebuildError(
-            f"projection {self.name} halted at position {event.position} ({event.event_type} {event.aggregate_id} "
-            f"v{event.version}): {error}. Fix the cause, then `pgprojector resume {self.name}` to go on from "
-            f"there, or rebuild again")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import anyio
@@ -28,7 +29,8 @@ class Batch:
 
     applied: int = 0
     caught_up: bool = False
-    halted: bool = False
+    inactive: bool = False  # the checkpoint is not in the worker's active state (halted, rebuilding...)
+    state: str = ""
     first: int = 0
     last: int = 0
     checkpoint: int = 0
@@ -60,7 +62,11 @@ class ProjectionWorker:
         stopping: anyio.Event,
         wakeup: Wakeup,
         metrics: Metrics | None = None,
+        active_state: str = "running",
+        on_caught_up: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
     ) -> None:
+        """`active_state`: the checkpoint state in which this worker applies events (a rebuild
+        applies in 'rebuilding'); `on_caught_up(conn)` runs inside the transaction of a short read."""
         self.pool = pool
         self.projection = projection
         self.batch_size = batch_size
@@ -70,6 +76,8 @@ class ProjectionWorker:
         self.stopping = stopping
         self.wakeup = wakeup
         self.metrics = metrics or Metrics(None)
+        self.active_state = active_state
+        self.on_caught_up = on_caught_up
         self._types = sorted(projection.event_types) if projection.event_types is not None else None
         self._log = log.bind(projection=projection.name)
         self._isolate_until = 0  # after a failed batch: one event per transaction up to here
@@ -82,29 +90,36 @@ class ProjectionWorker:
     async def run(self) -> None:
         """The main loop. Returns when a stop is requested, after the batch in hand has committed."""
         while not self.stopping.is_set():
-            try:
-                try:
-                    batch = await self.apply_next_batch()
-                except EventFailed as failure:
-                    await self._on_event_failure(failure)
-                    continue
-                if batch.caught_up:
-                    await self._report_waiting(batch)
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                await self._on_database_failure(exc)
+            batch = await self.step()
+            if batch is None:
                 continue
-            if self._db_failures:
-                self._log.info("database_reconnected", after_failures=self._db_failures)
-                self.metrics.reconnect(self.projection.name)
-                self._db_failures = 0
-            if batch.halted or batch.caught_up:
+            if batch.inactive or batch.caught_up:
                 self.caught_up_once.set()
-            if batch.halted:
-                await self._sleep(self.poll_interval)  # until an operator resumes or rebuilds it
+            if batch.inactive:
+                await self._sleep(self.poll_interval)  # until an operator resumes it or a rebuild hands it back
             elif batch.caught_up:
                 await self.wakeup.wait(self.poll_interval)
+
+    async def step(self) -> Batch | None:
+        """One batch; None when it failed and the failure was dealt with (retry later, parked, halted)."""
+        try:
+            try:
+                batch = await self.apply_next_batch()
+            except EventFailed as failure:
+                await self._on_event_failure(failure)
+                return None
+            if batch.caught_up:
+                await self._report_waiting(batch)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            await self._on_database_failure(exc)
+            return None
+        if self._db_failures:
+            self._log.info("database_reconnected", after_failures=self._db_failures)
+            self.metrics.reconnect(self.projection.name)
+            self._db_failures = 0
+        return batch
 
     async def apply_next_batch(self) -> Batch:
         """One transaction: lock the checkpoint, read after it up to the horizon, apply, move it."""
@@ -115,8 +130,8 @@ class ProjectionWorker:
             checkpoint = await conn.fetchrow(sql["lock_checkpoint"], self.projection.name)
             if checkpoint is None:
                 raise RuntimeError(f"projection {self.projection.name} is not set up: run `pgprojector migrate`")
-            if checkpoint["state"] != "running":
-                return Batch(halted=True, checkpoint=checkpoint["position"])
+            if checkpoint["state"] != self.active_state:
+                return Batch(inactive=True, checkpoint=checkpoint["position"], state=checkpoint["state"])
             position = checkpoint["position"]
             horizon, drawn = await conn.fetchrow(sql["horizon"])
             rows = await conn.fetch(sql["read_batch"], position, horizon, self._types, limit)
@@ -133,6 +148,8 @@ class ProjectionWorker:
             new_position = events[-1].position if full else max(position, horizon)
             if new_position != position:
                 await conn.execute(sql["save_checkpoint"], self.projection.name, new_position)
+            if not full and self.on_caught_up is not None:
+                await self.on_caught_up(conn)
         batch = Batch(applied=len(events), caught_up=not full, checkpoint=new_position, horizon=horizon,
                       held_back=drawn > horizon)
         if self._isolate_until and new_position >= self._isolate_until:
@@ -171,7 +188,8 @@ class ProjectionWorker:
             return
         async with db.acquire(self.pool) as conn, conn.transaction():
             checkpoint = await conn.fetchrow(queries()["lock_checkpoint"], self.projection.name)
-            if checkpoint is None or checkpoint["state"] != "running" or checkpoint["position"] >= event.position:
+            if (checkpoint is None or checkpoint["state"] != self.active_state
+                    or checkpoint["position"] >= event.position):
                 return  # someone else moved it meanwhile
             if self.on_error == "park":
                 await conn.execute(queries()["park_event"], self.projection.name, event.position, event.id, error,
