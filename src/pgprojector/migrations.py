@@ -55,6 +55,9 @@ async def migrate(conn: asyncpg.Connection, channel: str, projections: Sequence[
 async def setup_projection(conn: asyncpg.Connection, projection: Projection) -> None:
     """Create the projection's tables (idempotent DDL) and its checkpoint row."""
     async with conn.transaction():
+        # The migration lock (re-entrant within `migrate`'s own session): daemons that start together
+        # with a new projection would otherwise race on its CREATE TABLE IF NOT EXISTS.
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
         if projection.schema:
             await conn.execute(projection.schema)
         await conn.execute(

@@ -1,0 +1,526 @@
+"""The daemon under abuse: kill -9, severed connections, two daemons at once, poison events, signals.
+
+Real PostgreSQL, real `python -m pgprojector run` subprocesses, real signals; the read models are
+checked against an independent fold of the whole log (tests/daemon_harness.py).
+
+Random choices come from one seed per test, printed in failure messages; set
+PGPROJECTOR_TEST_SEED to replay one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import time
+from datetime import datetime
+
+import asyncpg
+import daemon_harness as h
+import pytest
+
+from pgprojector import EventStore, NewEvent, db
+
+
+def _seed() -> int:
+    seed = int(os.environ.get("PGPROJECTOR_TEST_SEED") or time.time_ns() % 2**32)
+    print(f"random seed: {seed} (replay with PGPROJECTOR_TEST_SEED={seed})")  # shown with a failure
+    return seed
+
+
+async def _harness_conn(dsn: str, name: str = "test-harness") -> asyncpg.Connection:
+    # Not a pgprojector-* application name: the connection-cutting test leaves it alone.
+    return await asyncpg.connect(dsn, server_settings={"application_name": name})
+
+
+def _timestamp(record: dict) -> datetime:
+    return datetime.fromisoformat(record["timestamp"])
+
+
+def _assert_models(actual: h.Actual, expected: h.Expected, seed: int, which=h.BUILTINS) -> None:
+    problems = h.compare(actual, expected, which)
+    assert not problems, f"read models differ from the fold of the log (seed {seed}):\n" + "\n".join(problems)
+
+
+async def _assert_witness_exactly_once(conn: asyncpg.Connection, upto: int | None = None) -> int:
+    """The witness holds every committed event up to `upto` (default: all) exactly once, nothing
+    else, and per aggregate the versions were applied in ascending order. Returns its row count."""
+    upto = await h.head(conn) if upto is None else upto
+    missing = await conn.fetchval(
+        "SELECT count(*) FROM events e WHERE e.position <= $1 "
+        "AND NOT EXISTS (SELECT 1 FROM witness w WHERE w.position = e.position)", upto)
+    foreign = await conn.fetch(
+        "SELECT w.position FROM witness w LEFT JOIN events e ON e.position = w.position "
+        "WHERE e.position IS NULL OR w.position > $1 OR e.aggregate_id <> w.aggregate_id OR e.version <> w.version "
+        "LIMIT 5", upto)
+    assert missing == 0, f"{missing} committed events (position <= {upto}) never reached the witness"
+    assert not foreign, f"witness rows that are not the committed events up to {upto}: {foreign}"
+    disorder = await conn.fetch(
+        "SELECT aggregate_id, version, prev FROM ("
+        "  SELECT aggregate_id, version, lag(version) OVER (PARTITION BY aggregate_id ORDER BY applied_seq) AS prev"
+        "  FROM witness) t WHERE prev IS NOT NULL AND version <> prev + 1 LIMIT 5")
+    assert not disorder, f"versions of an aggregate not applied in ascending order: {disorder}"
+    return await conn.fetchval("SELECT count(*) FROM witness")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. kill -9 at random moments during a long catch-up
+# ---------------------------------------------------------------------------------------------
+
+async def test_kill_9_at_random_moments_during_catch_up_loses_and_duplicates_nothing(dsn, tmp_path):
+    seed = _seed()
+    rng = random.Random(seed)
+    conn = await _harness_conn(dsn)
+    daemons: list[h.DaemonProcess] = []
+    try:
+        # A session time zone far from UTC: the analytics `day` is the UTC date, whatever the session's.
+        database = await conn.fetchval("SELECT current_database()")
+        await conn.execute(f'ALTER DATABASE "{database}" SET timezone TO \'Pacific/Kiritimati\'')
+        planned = h.plan_orders(15_000, rng)
+        await h.insert_planned(conn, planned)
+        top = await h.head(conn)
+        assert top == len(planned) and 55_000 <= top <= 75_000, top
+
+        settings = {"batch_size": "500", "projections": h.WITH_WITNESS}
+        kills = rng.randint(4, 6)
+        previous = {name: 0 for name in h.ALL_WITH_WITNESS}
+        killed_mid_catch_up = 0
+        progress: list[dict[str, int]] = []
+        for life in range(kills):
+            daemon = h.DaemonProcess(dsn, tmp_path / f"daemon-{life}.log", **settings)
+            daemons.append(daemon)
+            # Each life gets to apply something, then dies at a random moment, mid-transaction or not.
+            await daemon.wait_for_log("batch_applied", timeout=30)
+            await asyncio.sleep(rng.uniform(0.2, 1.5))
+            await daemon.kill9()
+            assert daemon.returncode == -signal.SIGKILL
+            points = await h.checkpoints(conn)
+            for name in h.ALL_WITH_WITNESS:
+                assert points[name]["position"] >= previous[name], f"{name}'s checkpoint went backwards (seed {seed})"
+                assert points[name]["state"] == "running", points[name]
+                previous[name] = points[name]["position"]
+            if any(points[name]["position"] < top for name in h.ALL_WITH_WITNESS):
+                killed_mid_catch_up += 1
+            progress.append({name: points[name]["position"] for name in h.ALL_WITH_WITNESS})
+            print(f"kill {life + 1}/{kills} (seed {seed}): checkpoints {progress[-1]} of {top}")
+            # At every crash point, read-model rows and checkpoint committed together or not at all.
+            await _assert_witness_exactly_once(conn, upto=points["witness"]["position"])
+        assert killed_mid_catch_up == kills, (
+            f"only {killed_mid_catch_up} of {kills} kills hit the daemon before it had caught up: "
+            f"the test no longer exercises a crash mid-catch-up (make the log longer or the batches smaller): "
+            f"{progress}")
+
+        final = h.DaemonProcess(dsn, tmp_path / "daemon-final.log", **settings)
+        daemons.append(final)
+        await h.wait_caught_up(conn, h.ALL_WITH_WITNESS, timeout=120, daemons=[final])
+        final.send(signal.SIGTERM)
+        assert await final.wait_exit(10) == 0, final.tail()
+
+        points = await h.checkpoints(conn)
+        assert {name: points[name]["position"] for name in h.ALL_WITH_WITNESS} == dict.fromkeys(h.ALL_WITH_WITNESS, top)
+        assert await _assert_witness_exactly_once(conn) == top
+        expected = h.fold(await h.read_log(conn))
+        _assert_models(await h.read_models(conn), expected, seed)
+        assert len(expected.orders) == 15_000
+    finally:
+        for daemon in daemons:
+            daemon.close()
+        await conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. every daemon connection cut, again and again, while producers write
+# ---------------------------------------------------------------------------------------------
+
+CUT_DAEMON_CONNECTIONS = """
+SELECT pid, application_name, state, pg_terminate_backend(pid) AS terminated
+FROM pg_stat_activity
+WHERE datname = current_database()
+  AND application_name LIKE 'pgprojector-%'
+  AND application_name <> 'pgprojector-producer'
+  AND pid <> pg_backend_pid()
+"""
+
+
+async def test_daemon_survives_pg_terminate_backend_of_all_its_connections(dsn, tmp_path):
+    seed = _seed()
+    rng = random.Random(seed)
+    conn = await _harness_conn(dsn)
+    cutter = await _harness_conn(dsn, "test-cutter")
+    producers = await db.create_pool(dsn, role="producer", min_size=2, max_size=6)
+    daemon = h.DaemonProcess(dsn, tmp_path / "daemon.log", batch_size="200", poll_interval="5")
+    try:
+        await daemon.wait_for_log("daemon_started", timeout=30)
+        rounds: list[list[asyncpg.Record]] = []
+
+        async def cut_repeatedly(stop: asyncio.Event) -> None:
+            while not stop.is_set():
+                try:
+                    await asyncio.wait_for(stop.wait(), rng.uniform(1.0, 2.0))
+                except TimeoutError:
+                    pass
+                rounds.append(await cutter.fetch(CUT_DAEMON_CONNECTIONS))
+
+        stop = asyncio.Event()
+        cutting = asyncio.create_task(cut_repeatedly(stop))
+        try:
+            stats = await h.run_producers(producers, 9.0, rng, tasks=5)
+        finally:
+            stop.set()
+            await cutting
+        assert not stats.errors, stats.errors
+
+        assert daemon.alive, f"the daemon exited ({daemon.returncode}):\n{daemon.tail()}"
+        cut = [row for batch in rounds for row in batch]
+        assert all(row["terminated"] for row in cut)
+        assert len(rounds) >= 4 and sum(1 for batch in rounds if batch) >= 4, (
+            f"the cutter found daemon connections in only {sum(1 for b in rounds if b)} of {len(rounds)} rounds: "
+            f"{rounds}\n{daemon.tail()}")
+        # The LISTEN connection was cut again and again, so it came back after each cut.
+        listener_cut = sum(1 for batch in rounds if any(r["application_name"] == "pgprojector-listener" for r in batch))
+        assert listener_cut >= 3, rounds
+        assert any(r["application_name"] == "pgprojector-daemon" and r["state"] in ("idle in transaction", "active")
+                   for r in cut), (
+            "no connection was cut in the middle of a batch", cut)
+
+        await h.wait_caught_up(conn, h.BUILTINS, timeout=60, daemons=[daemon])
+        assert daemon.alive, f"the daemon exited ({daemon.returncode}):\n{daemon.tail()}"
+        events = {record.get("event") for record in daemon.logs()}
+        assert "listener_reconnect" in events, sorted(e for e in events if e)
+        assert "database_unavailable" in events or "database_reconnected" in events, sorted(e for e in events if e)
+        assert len(daemon.log_events("daemon_started")) == 1, "the daemon restarted itself"
+
+        # Still listening after all that: with a 5 s poll interval, only a notification explains a fresh
+        # event projected within 2 s, three times in a row.
+        store = EventStore(producers)
+        for order_id in (1, 2, 3):
+            await asyncio.sleep(rng.uniform(0.3, 1.0))
+            await store.append(f"order_{order_id}", "order",
+                               [NewEvent("OrderCreated", h.event_data("OrderCreated", order_id, rng))], 0)
+            appended = time.monotonic()
+            await h.wait_caught_up(conn, h.BUILTINS, timeout=10, daemons=[daemon])
+            assert time.monotonic() - appended < 2.0, "the daemon no longer wakes on NOTIFY after the reconnects"
+
+        expected = h.fold(await h.read_log(conn))
+        _assert_models(await h.read_models(conn), expected, seed)
+        assert len(expected.orders) == stats.orders + 3
+
+        daemon.send(signal.SIGTERM)
+        assert await daemon.wait_exit(10) == 0, daemon.tail()
+    finally:
+        daemon.close()
+        await producers.close()
+        await cutter.close()
+        await conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. two daemons at once (a rolling deploy)
+# ---------------------------------------------------------------------------------------------
+
+async def test_two_daemons_at_once_apply_every_event_exactly_once(dsn, tmp_path):
+    seed = _seed()
+    rng = random.Random(seed)
+    conn = await _harness_conn(dsn)
+    producers = await db.create_pool(dsn, role="producer", min_size=2, max_size=6)
+    settings = {"batch_size": "50", "poll_interval": "0.5", "projections": h.WITH_WITNESS}
+    first = h.DaemonProcess(dsn, tmp_path / "daemon-a.log", **settings)
+    second: h.DaemonProcess | None = None
+    production: asyncio.Task | None = None
+    try:
+        await first.wait_for_log("daemon_started", timeout=30)  # the old version is up (and set the witness up)
+        production = asyncio.create_task(h.run_producers(producers, 10.0, rng, tasks=6))
+        await asyncio.sleep(1.0)
+        second = h.DaemonProcess(dsn, tmp_path / "daemon-b.log", **settings)  # the new version comes up
+        started = _timestamp((await second.wait_for_log("daemon_started", timeout=30))[0])
+        stats = await production
+        assert not stats.errors, stats.errors
+        await h.wait_caught_up(conn, h.ALL_WITH_WITNESS, timeout=60, daemons=[first, second])
+
+        # Both did work while both were running.
+        overlapping_a = [r for r in first.log_events("batch_applied") if _timestamp(r) > started]
+        applied_b = second.log_events("batch_applied")
+        assert overlapping_a and applied_b, (
+            f"daemon A applied {len(overlapping_a)} batches after B started, B applied {len(applied_b)}")
+
+        # The old one leaves; the new one carries on alone.
+        first.send(signal.SIGTERM)
+        assert await first.wait_exit(10) == 0, first.tail()
+        more = await h.run_producers(producers, 1.5, rng, tasks=3, first_id=2_000_000)
+        assert not more.errors, more.errors
+        await h.wait_caught_up(conn, h.ALL_WITH_WITNESS, timeout=30, daemons=[second])
+
+        assert await _assert_witness_exactly_once(conn) == await conn.fetchval("SELECT count(*) FROM events")
+        expected = h.fold(await h.read_log(conn))
+        _assert_models(await h.read_models(conn), expected, seed)
+        for daemon in (first, second):
+            assert not daemon.log_events("event_retry") and not daemon.log_events("projection_halted"), daemon.tail()
+
+        second.send(signal.SIGTERM)
+        assert await second.wait_exit(10) == 0, second.tail()
+    finally:
+        if production is not None and not production.done():
+            production.cancel()
+            await asyncio.gather(production, return_exceptions=True)
+        first.close()
+        if second is not None:
+            second.close()
+        await producers.close()
+        await conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. a malformed event: halt, or park
+# ---------------------------------------------------------------------------------------------
+
+def _corrupt(planned: list[h.Planned], event_type: str, change, *, after: int,
+             avoid: frozenset[str] = frozenset()) -> h.Planned:
+    """Corrupt, in place, the first `event_type` event past index `after` of an order that has at
+    least two more events after it."""
+    life_length: dict[str, int] = {}
+    for event in planned:
+        life_length[event.aggregate_id] = max(life_length.get(event.aggregate_id, 0), event.version)
+    event = next(
+        event for index, event in enumerate(planned)
+        if index > after and event.event_type == event_type and event.aggregate_id not in avoid
+        and life_length[event.aggregate_id] >= event.version + 2
+    )
+    change(event.data)
+    return event
+
+
+async def _status(dsn: str) -> dict:
+    result = await asyncio.to_thread(h.run_cli, "status", "--json", dsn=dsn)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    return {"head": report["head_position"], **{p["name"]: p for p in report["projections"]}}
+
+
+async def test_malformed_event_halts_the_projections_that_read_it_and_the_daemon_stays_up(dsn, tmp_path):
+    seed = _seed()
+    rng = random.Random(seed)
+    conn = await _harness_conn(dsn)
+    pool = await db.create_pool(dsn, role="tests", min_size=1, max_size=2)
+    planned = h.plan_orders(400, rng, days=1)
+    # A DriverAssigned without its driver_name, in the middle of the log, with plenty after it.
+    bad = _corrupt(planned, "DriverAssigned", lambda data: data.pop("driver_name"), after=len(planned) // 2)
+    await h.insert_planned(conn, planned)
+    bad_position = await conn.fetchval("SELECT position FROM events WHERE aggregate_id = $1 AND version = $2",
+                                       bad.aggregate_id, bad.version)
+    top = await h.head(conn)
+    assert bad_position < top - 100
+
+    daemon = h.DaemonProcess(dsn, tmp_path / "daemon.log", on_error="halt", max_attempts="2", batch_size="100")
+    try:
+        expected = h.fold(await h.read_log(conn), on_error="halt")
+        # What CONTRACT.md implies: orders and dashboard both use DriverAssigned, so both halt at it;
+        # analytics does not know the event type, passes over it and runs on to the head.
+        assert expected.halted_at == {"orders": bad_position, "dashboard": bad_position, "analytics": None}
+
+        deadline = time.monotonic() + 30
+        while True:
+            points = await h.checkpoints(conn)
+            if points["orders"]["state"] == "halted" and points["dashboard"]["state"] == "halted" \
+                    and points["analytics"]["position"] == top:
+                break
+            assert daemon.alive, daemon.tail()
+            assert time.monotonic() < deadline, f"not halted / caught up: {points}\n{daemon.tail()}"
+            await asyncio.sleep(0.1)
+
+        # The others run on: a new order is projected by analytics while orders/dashboard stay halted.
+        store = EventStore(pool)
+        version = 0
+        for step in ("OrderCreated", "OrderConfirmed", "DriverAssigned", "OrderPickedUp", "OrderDelivered"):
+            version = await store.append("order_99999", "order",
+                                         [NewEvent(step, h.event_data(step, 99999, rng))], version)
+        new_top = await h.head(conn)
+        await h.wait_caught_up(conn, ["analytics"], timeout=15, daemons=[daemon])
+        await asyncio.sleep(1.5)  # a halted projection given time to (wrongly) move on
+
+        points = await h.checkpoints(conn)
+        for name in ("orders", "dashboard"):
+            assert points[name]["state"] == "halted"
+            assert points[name]["position"] == bad_position - 1, (name, points[name], bad_position)
+        assert points["analytics"]["state"] == "running" and points["analytics"]["position"] == new_top
+
+        status = await _status(dsn)
+        assert status["head"] == new_top
+        for name in ("orders", "dashboard"):
+            report = status[name]
+            assert report["state"] == "halted", report
+            assert report["position"] == bad_position - 1 and report["lag"] == new_top - bad_position + 1, report
+            error = report["last_error"] or ""
+            assert "driver_name" in error, report  # the problem
+            assert str(bad_position) in error or bad.aggregate_id in error, report  # and the event
+        assert status["analytics"]["state"] == "running" and status["analytics"]["lag"] == 0, status["analytics"]
+        assert status["analytics"]["last_error"] is None
+
+        assert daemon.alive and len(daemon.log_events("daemon_started")) == 1, daemon.tail()
+
+        expected = h.fold(await h.read_log(conn), on_error="halt")
+        actual = await h.read_models(conn)
+        _assert_models(actual, expected, seed)
+        assert actual.orders[int(bad.aggregate_id.split("_")[1])]["current_version"] == bad.version - 1
+        assert 99999 not in actual.orders
+
+        daemon.send(signal.SIGTERM)
+        assert await daemon.wait_exit(10) == 0, daemon.tail()
+    finally:
+        daemon.close()
+        await pool.close()
+        await conn.close()
+
+
+async def test_malformed_events_are_parked_and_the_projections_move_past_them(dsn, tmp_path):
+    seed = _seed()
+    rng = random.Random(seed)
+    conn = await _harness_conn(dsn)
+    planned = h.plan_orders(400, rng, days=1)
+    # An OrderCreated whose total_amount is not a number: every later event of that order has no
+    # OrderCreated applied, so it fails too. And a DriverAssigned without driver_name elsewhere.
+    created = _corrupt(planned, "OrderCreated", lambda data: data.update(total_amount="abc"), after=len(planned) // 3)
+    assigned = _corrupt(planned, "DriverAssigned", lambda data: data.pop("driver_name"), after=len(planned) // 2,
+                        avoid=frozenset({created.aggregate_id}))
+    await h.insert_planned(conn, planned)
+    top = await h.head(conn)
+    positions = {(r["aggregate_id"], r["version"]): r["position"]
+                 for r in await conn.fetch("SELECT aggregate_id, version, position FROM events")}
+
+    daemon = h.DaemonProcess(dsn, tmp_path / "daemon.log", on_error="park", max_attempts="2", batch_size="100")
+    try:
+        expected = h.fold(await h.read_log(conn), on_error="park")
+        created_pos = positions[(created.aggregate_id, 1)]
+        assigned_pos = positions[(assigned.aggregate_id, assigned.version)]
+        x_events = sorted(p for (a, _v), p in positions.items() if a == created.aggregate_id)
+        x_types = {p: t for p, t in [(positions[(e.aggregate_id, e.version)], e.event_type)
+                                     for e in planned if e.aggregate_id == created.aggregate_id]}
+        # Spelled out, what CONTRACT.md implies (and the fold computes):
+        assert expected.parked["orders"] == sorted([*x_events, assigned_pos])
+        assert expected.parked["dashboard"] == sorted([*x_events, assigned_pos])
+        assert expected.parked["analytics"] == [p for p in x_events if x_types[p] in h.KNOWN_TYPES["analytics"]]
+        assert created_pos in expected.parked["analytics"] and assigned_pos not in expected.parked["analytics"]
+
+        await h.wait_caught_up(conn, h.BUILTINS, timeout=60, daemons=[daemon])
+        assert daemon.alive and len(daemon.log_events("daemon_started")) == 1, daemon.tail()
+
+        result = await asyncio.to_thread(h.run_cli, "dead-letters", "--json", dsn=dsn)
+        assert result.returncode == 0, result.stderr
+        letters = json.loads(result.stdout)
+        found = {name: sorted(letter["position"] for letter in letters if letter["projection"] == name)
+                 for name in h.BUILTINS}
+        assert found == expected.parked, (found, expected.parked)
+        by_key = {(letter["projection"], letter["position"]): letter for letter in letters}
+        for name in h.BUILTINS:
+            assert "total_amount" in by_key[(name, created_pos)]["error"], by_key[(name, created_pos)]
+        for name in ("orders", "dashboard"):
+            assert "driver_name" in by_key[(name, assigned_pos)]["error"], by_key[(name, assigned_pos)]
+        assert all(letter["error"] for letter in letters)
+
+        status = await _status(dsn)
+        for name in h.BUILTINS:
+            assert status[name]["state"] == "running", status[name]
+            assert status[name]["position"] == top and status[name]["lag"] == 0, status[name]
+            assert status[name]["dead_letters"] == len(expected.parked[name]), status[name]
+
+        actual = await h.read_models(conn)
+        _assert_models(actual, expected, seed)
+        assert int(created.aggregate_id.split("_")[1]) not in actual.orders
+        moved_on = actual.orders[int(assigned.aggregate_id.split("_")[1])]
+        assert moved_on["driver_name"] is None and moved_on["current_version"] > assigned.version  # later events applied
+
+        assert daemon.alive, daemon.tail()
+        daemon.send(signal.SIGTERM)
+        assert await daemon.wait_exit(10) == 0, daemon.tail()
+        assert len(daemon.log_events("daemon_started")) == 1
+    finally:
+        daemon.close()
+        await conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. SIGTERM / SIGINT mid-catch-up
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_stop_signal_mid_catch_up_commits_the_batch_in_hand_and_exits_0(dsn, tmp_path, signum):
+    seed = _seed()
+    rng = random.Random(seed)
+    conn = await _harness_conn(dsn)
+    planned = h.plan_orders(5000, rng)
+    await h.insert_planned(conn, planned)
+    top = await h.head(conn)
+    daemon = h.DaemonProcess(dsn, tmp_path / "daemon.log", batch_size="250", projections=h.WITH_WITNESS)
+    try:
+        for name in h.ALL_WITH_WITNESS:  # every projection is busy catching up
+            await daemon.wait_for_log("batch_applied", timeout=30, projection=name)
+        await asyncio.sleep(rng.uniform(0.0, 0.5))
+        sent = time.monotonic()
+        daemon.send(signum)
+        code = await daemon.wait_exit(10)
+        took = time.monotonic() - sent
+        assert code == 0, daemon.tail()
+        assert took < 10
+
+        points = await h.checkpoints(conn)
+        assert any(points[name]["position"] < top for name in h.ALL_WITH_WITNESS), (
+            "the daemon had caught up before the signal: the test no longer stops it mid-catch-up")
+        for name in h.ALL_WITH_WITNESS:
+            logged = daemon.log_events("batch_applied", projection=name)[-1]["checkpoint"]
+            assert points[name]["position"] == logged, (
+                f"{name}: stored checkpoint {points[name]['position']}, last logged batch_applied {logged}")
+        await _assert_witness_exactly_once(conn, upto=points["witness"]["position"])
+        non_json = [r["raw"] for r in daemon.logs() if r.get("event") == "<non-json>"]
+        assert not non_json, non_json  # no traceback on the way out
+    finally:
+        daemon.close()
+        await conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3b. several daemons starting at the same moment, with a projection nobody has set up yet
+# ---------------------------------------------------------------------------------------------
+
+async def test_daemons_starting_together_set_up_a_new_projection_without_failing(dsn, tmp_path):
+    """A deploy that adds a projection starts several instances at once: each finds it unregistered
+    and sets it up. That must not fail (CREATE TABLE IF NOT EXISTS races without a lock)."""
+    conn = await _harness_conn(dsn)
+    gate_conn = await _harness_conn(dsn, "test-gate")
+    count = 4
+    daemons: list[h.DaemonProcess] = []
+    try:
+        # Line the daemons up. A transaction holds a SHARE lock on the checkpoint table: reading it
+        # goes on, registering a projection there waits. So the first daemon to set the projection
+        # up waits with its CREATE TABLE uncommitted, and the others reach their set-up meanwhile.
+        # When everyone waits on a lock (or has started), the gate opens.
+        gate = gate_conn.transaction()
+        await gate.start()
+        await gate_conn.execute("LOCK TABLE pgprojector_projections IN SHARE MODE")
+        daemons = [h.DaemonProcess(dsn, tmp_path / f"daemon-{i}.log", projections=h.WITH_WITNESS)
+                   for i in range(count)]
+        deadline = time.monotonic() + 30
+        while True:
+            waiting = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name = 'pgprojector-daemon' AND wait_event_type = 'Lock'")
+            started = sum(1 for d in daemons if d.log_events("daemon_started"))
+            if waiting + started >= count:
+                break
+            assert all(d.alive for d in daemons), [d.tail() for d in daemons if not d.alive]
+            assert time.monotonic() < deadline, f"only {waiting} daemons waiting, {started} started"
+            await asyncio.sleep(0.05)
+        await gate.commit()
+
+        for daemon in daemons:
+            await daemon.wait_for_log("daemon_started", timeout=30)
+        assert await conn.fetchval("SELECT count(*) FROM pgprojector_projections WHERE name = 'witness'") == 1
+        for daemon in daemons:
+            daemon.send(signal.SIGTERM)
+        for daemon in daemons:
+            assert await daemon.wait_exit(10) == 0, daemon.tail()
+    finally:
+        for daemon in daemons:
+            daemon.close()
+        await gate_conn.close()
+        await conn.close()
