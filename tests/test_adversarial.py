@@ -17,7 +17,7 @@ from pgprojector import EventStore, NewEvent, RecordedEvent, db
 from pgprojector.migrations import setup_projection
 from pgprojector.projection import load_projections
 
-PROJECTIONS = ["orders", "dashboard", "analytics", "witness:projection"]
+PROJECTIONS = ["orders", "dashboard", "analytics", "daemon_harness:witness"]
 DURATION = 6.0
 
 
@@ -55,7 +55,7 @@ def whole_life(order_id: int, rng: random.Random) -> list[NewEvent]:
 
 
 async def test_adversarial_producers_against_independent_fold(dsn, pool, conn):
-    await setup_projection(conn, load_projections(["witness:projection"])[0])
+    await setup_projection(conn, load_projections(["daemon_harness:witness"])[0])
     await conn.execute("CREATE TABLE side_table (x int)")
     store = EventStore(pool)
     deadline = anyio.current_time() + DURATION
@@ -155,10 +155,10 @@ async def test_fold_comparison_can_fail(dsn, pool, conn):
     await assert_read_models_match_fold(conn)
     await conn.execute("UPDATE read_model_dashboard SET order_count = order_count + 1 "
                        "WHERE status = (SELECT min(status) FROM read_model_dashboard)")
-    with pytest.raises(AssertionError, match="dashboard"):
+    with pytest.raises(AssertionError, match="read_model_dashboard"):
         await assert_read_models_match_fold(conn)
     await conn.execute("UPDATE read_model_dashboard SET order_count = order_count - 1 "
                        "WHERE status = (SELECT min(status) FROM read_model_dashboard)")
     await conn.execute("UPDATE read_model_orders SET current_version = current_version - 1 WHERE order_id = 1")
-    with pytest.raises(AssertionError, match="orders"):
+    with pytest.raises(AssertionError, match="read_model_orders"):
         await assert_read_models_match_fold(conn)

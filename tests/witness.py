@@ -1,29 +1,12 @@
-"""A test projection that records every event it is handed, in the order it is handed them.
+"""What the witness projection (daemon_harness.witness) proves: each event applied once, in version order.
 
-Its primary key turns a double application into an error; applied_seq shows the order of application.
+The witness records every event it is handed; its primary key turns a double application into an
+error, and applied_seq keeps the order of application.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import asyncpg
-
-from pgprojector import Projection, RecordedEvent
-
-
-async def record(conn: asyncpg.Connection, events: Sequence[RecordedEvent]) -> None:
-    await conn.executemany("INSERT INTO witness (position, aggregate_id, version) VALUES ($1, $2, $3)",
-                           [(e.position, e.aggregate_id, e.version) for e in events])
-
-
-projection = Projection(
-    name="witness",
-    handle=record,
-    schema="CREATE TABLE IF NOT EXISTS witness (position BIGINT PRIMARY KEY, aggregate_id TEXT NOT NULL, "
-           "version BIGINT NOT NULL, applied_seq BIGSERIAL)",
-    tables=("witness",),
-)
 
 
 async def assert_each_event_applied_once_in_version_order(conn: asyncpg.Connection) -> int:
