@@ -33,6 +33,17 @@ WHERE position > $1 AND position <= $2 AND ($3::text[] IS NULL OR event_type = A
 ORDER BY position
 LIMIT $4
 
+-- name: read_batch_positions
+-- The same batch as read_batch, positions only, for projections that read the range in SQL.
+SELECT position
+FROM events
+WHERE position > $1 AND position <= $2 AND ($3::text[] IS NULL OR event_type = ANY($3::text[]))
+ORDER BY position
+LIMIT $4
+
+-- name: event_at
+SELECT id, aggregate_id, event_type, version, position FROM events WHERE position = $1
+
 -- name: lock_checkpoint
 -- Every batch holds its projection's row lock until it commits: a second
 -- daemon (or a rebuild) waits here, then reads the checkpoint the first one left.

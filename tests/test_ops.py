@@ -98,8 +98,11 @@ async def from_scratch(conn: asyncpg.Connection, projection: Projection) -> dict
     try:
         await conn.execute("CREATE SCHEMA scratch; SET LOCAL search_path = scratch, public")
         await conn.execute(projection.schema)
-        rows = await conn.fetch("SELECT * FROM public.events ORDER BY position")
-        await projection.handle(conn, [RecordedEvent.from_record(row) for row in rows])
+        if projection.handle_range is not None:
+            await projection.handle_range(conn, 0, await conn.fetchval("SELECT max(position) FROM public.events"))
+        else:
+            rows = await conn.fetch("SELECT * FROM public.events ORDER BY position")
+            await projection.handle(conn, [RecordedEvent.from_record(row) for row in rows])
         return {table: await table_rows(conn, f"scratch.{table}") for table in projection.tables}
     finally:
         await transaction.rollback()

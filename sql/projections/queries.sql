@@ -1,55 +1,122 @@
--- Set-based writes of the built-in projections: one statement per table per batch.
+-- Set-based application of the built-in projections: every query applies the events of one
+-- batch, the position range ($1, $2] restricted to the projection's event types $3, in one
+-- statement. pgprojector_first_bad_order_event() has checked the range first, so every event in
+-- it is valid; events at or below the version a projection has applied are replays and skipped.
+-- Within a batch, an order's events are folded in version order.
 
--- name: orders_load
-SELECT order_id, user_id, restaurant_id, status, items, total_amount, delivery_address, created_at,
-       updated_at, current_version, user_name, restaurant_name, driver_name, estimated_delivery
-FROM read_model_orders WHERE order_id = ANY($1::bigint[])
+-- name: orders_apply
+WITH batch AS (
+    SELECT (e.data ->> 'order_id')::bigint AS order_id, e.event_type, e.version, e.data, e.created_at
+    FROM events e
+    WHERE e.position > $1 AND e.position <= $2 AND e.aggregate_type = 'order' AND e.event_type = ANY($3::text[])
+), fresh AS (
+    SELECT b.* FROM batch b LEFT JOIN read_model_orders t USING (order_id)
+    WHERE t.current_version IS NULL OR b.version > t.current_version
+), per_order AS (
+    SELECT order_id,
+           max(version) AS current_version,
+           (array_agg(event_type ORDER BY version DESC))[1] AS last_type,
+           (array_agg(created_at ORDER BY version DESC))[1] AS updated_at,
+           (array_agg(data ORDER BY version DESC) FILTER (WHERE event_type = 'OrderCreated'))[1] AS created,
+           (array_agg(created_at ORDER BY version DESC) FILTER (WHERE event_type = 'OrderCreated'))[1] AS created_at,
+           (array_agg(data ORDER BY version DESC) FILTER (WHERE event_type = 'OrderConfirmed'))[1] AS confirmed,
+           (array_agg(data ORDER BY version DESC) FILTER (WHERE event_type = 'DriverAssigned'))[1] AS driver
+    FROM fresh GROUP BY order_id
+), created AS (
+    INSERT INTO read_model_orders (order_id, user_id, restaurant_id, status, items, total_amount, delivery_address,
+                                   created_at, updated_at, current_version, user_name, restaurant_name, driver_name,
+                                   estimated_delivery)
+    SELECT order_id, (created ->> 'user_id')::bigint, (confirmed ->> 'restaurant_id')::bigint,
+           pgprojector_order_status(last_type), created -> 'items', pgprojector_money(created -> 'total_amount'),
+           created ->> 'delivery_address', created_at, updated_at, current_version, created ->> 'user_name',
+           confirmed ->> 'restaurant_name', driver ->> 'driver_name', (confirmed ->> 'estimated_delivery')::timestamptz
+    FROM per_order WHERE created IS NOT NULL
+    RETURNING 1
+)
+UPDATE read_model_orders t SET
+    status = pgprojector_order_status(p.last_type),
+    updated_at = p.updated_at,
+    current_version = p.current_version,
+    restaurant_id = coalesce((p.confirmed ->> 'restaurant_id')::bigint, t.restaurant_id),
+    restaurant_name = coalesce(p.confirmed ->> 'restaurant_name', t.restaurant_name),
+    estimated_delivery = coalesce((p.confirmed ->> 'estimated_delivery')::timestamptz, t.estimated_delivery),
+    driver_name = coalesce(p.driver ->> 'driver_name', t.driver_name)
+FROM per_order p
+WHERE p.order_id = t.order_id AND p.created IS NULL
 
--- name: orders_upsert
-INSERT INTO read_model_orders (order_id, user_id, restaurant_id, status, items, total_amount, delivery_address,
-                               created_at, updated_at, current_version, user_name, restaurant_name, driver_name,
-                               estimated_delivery)
-SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::varchar[], $5::jsonb[], $6::numeric[],
-                     $7::text[], $8::timestamptz[], $9::timestamptz[], $10::bigint[], $11::varchar[],
-                     $12::varchar[], $13::varchar[], $14::timestamptz[])
-ON CONFLICT (order_id) DO UPDATE SET
-    user_id = EXCLUDED.user_id, restaurant_id = EXCLUDED.restaurant_id, status = EXCLUDED.status,
-    items = EXCLUDED.items, total_amount = EXCLUDED.total_amount, delivery_address = EXCLUDED.delivery_address,
-    created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at, current_version = EXCLUDED.current_version,
-    user_name = EXCLUDED.user_name, restaurant_name = EXCLUDED.restaurant_name,
-    driver_name = EXCLUDED.driver_name, estimated_delivery = EXCLUDED.estimated_delivery
-
--- name: dashboard_load
-SELECT order_id, status, total_amount, version FROM projection_dashboard_orders WHERE order_id = ANY($1::bigint[])
-
--- name: dashboard_upsert_orders
-INSERT INTO projection_dashboard_orders (order_id, status, total_amount, version)
-SELECT * FROM unnest($1::bigint[], $2::varchar[], $3::numeric[], $4::bigint[])
-ON CONFLICT (order_id) DO UPDATE SET
-    status = EXCLUDED.status, total_amount = EXCLUDED.total_amount, version = EXCLUDED.version
-
--- name: dashboard_add
+-- name: dashboard_apply
+WITH batch AS (
+    SELECT (e.data ->> 'order_id')::bigint AS order_id, e.event_type, e.version, e.data
+    FROM events e
+    WHERE e.position > $1 AND e.position <= $2 AND e.aggregate_type = 'order' AND e.event_type = ANY($3::text[])
+), fresh AS (
+    SELECT b.* FROM batch b LEFT JOIN projection_dashboard_orders s USING (order_id)
+    WHERE s.version IS NULL OR b.version > s.version
+), per_order AS (
+    SELECT order_id, max(version) AS version,
+           (array_agg(event_type ORDER BY version DESC))[1] AS last_type,
+           (array_agg(pgprojector_money(data -> 'total_amount')) FILTER (WHERE event_type = 'OrderCreated'))[1] AS amount
+    FROM fresh GROUP BY order_id
+), moved AS (
+    SELECT p.order_id, s.status AS old_status, s.total_amount AS old_amount,
+           pgprojector_order_status(p.last_type) AS new_status, coalesce(p.amount, s.total_amount) AS amount, p.version
+    FROM per_order p LEFT JOIN projection_dashboard_orders s USING (order_id)
+), remembered AS (
+    INSERT INTO projection_dashboard_orders (order_id, status, total_amount, version)
+    SELECT order_id, new_status, amount, version FROM moved
+    ON CONFLICT (order_id) DO UPDATE SET status = EXCLUDED.status, version = EXCLUDED.version
+    RETURNING 1
+), deltas AS (
+    SELECT status, sum(n) AS n, sum(amount) AS amount FROM (
+        SELECT old_status AS status, -1 AS n, -old_amount AS amount FROM moved WHERE old_status IS NOT NULL
+        UNION ALL
+        SELECT new_status, 1, amount FROM moved
+    ) d GROUP BY status
+)
 INSERT INTO read_model_dashboard AS d (status, order_count, total_amount)
-SELECT * FROM unnest($1::varchar[], $2::bigint[], $3::numeric[])
+SELECT status, n, amount FROM deltas WHERE n <> 0 OR amount <> 0
 ON CONFLICT (status) DO UPDATE SET
     order_count = d.order_count + EXCLUDED.order_count, total_amount = d.total_amount + EXCLUDED.total_amount
 
 -- name: dashboard_drop_empty
 DELETE FROM read_model_dashboard WHERE order_count = 0
 
--- name: analytics_load
-SELECT order_id, total_amount, restaurant_id, version FROM projection_analytics_orders
-WHERE order_id = ANY($1::bigint[])
-
--- name: analytics_upsert_orders
-INSERT INTO projection_analytics_orders (order_id, total_amount, restaurant_id, version)
-SELECT * FROM unnest($1::bigint[], $2::numeric[], $3::bigint[], $4::bigint[])
-ON CONFLICT (order_id) DO UPDATE SET
-    total_amount = EXCLUDED.total_amount, restaurant_id = EXCLUDED.restaurant_id, version = EXCLUDED.version
-
--- name: analytics_add
-INSERT INTO read_model_restaurant_daily AS r (restaurant_id, day, confirmed, delivered, cancelled, revenue)
-SELECT * FROM unnest($1::bigint[], $2::date[], $3::bigint[], $4::bigint[], $5::bigint[], $6::numeric[])
-ON CONFLICT (restaurant_id, day) DO UPDATE SET
-    confirmed = r.confirmed + EXCLUDED.confirmed, delivered = r.delivered + EXCLUDED.delivered,
-    cancelled = r.cancelled + EXCLUDED.cancelled, revenue = r.revenue + EXCLUDED.revenue
+-- name: analytics_apply
+WITH batch AS (
+    SELECT (e.data ->> 'order_id')::bigint AS order_id, e.event_type, e.version, e.data, e.created_at
+    FROM events e
+    WHERE e.position > $1 AND e.position <= $2 AND e.aggregate_type = 'order' AND e.event_type = ANY($3::text[])
+), fresh AS (
+    SELECT b.*, s.restaurant_id AS known_restaurant, s.total_amount AS known_amount
+    FROM batch b LEFT JOIN projection_analytics_orders s USING (order_id)
+    WHERE s.version IS NULL OR b.version > s.version
+), enriched AS (
+    -- Each event with the restaurant that had confirmed the order by then, and the order's amount.
+    SELECT order_id, event_type, version, created_at,
+           coalesce((array_agg((data ->> 'restaurant_id')::bigint) FILTER (WHERE event_type = 'OrderConfirmed')
+                         OVER w)[count(*) FILTER (WHERE event_type = 'OrderConfirmed') OVER w],
+                    known_restaurant) AS restaurant_id,
+           coalesce(known_amount, (array_agg(pgprojector_money(data -> 'total_amount'))
+                                       FILTER (WHERE event_type = 'OrderCreated') OVER w)[1]) AS amount
+    FROM fresh
+    WINDOW w AS (PARTITION BY order_id ORDER BY version)
+), counted AS (
+    INSERT INTO read_model_restaurant_daily AS r (restaurant_id, day, confirmed, delivered, cancelled, revenue)
+    SELECT restaurant_id, (created_at AT TIME ZONE 'UTC')::date,
+           count(*) FILTER (WHERE event_type = 'OrderConfirmed'),
+           count(*) FILTER (WHERE event_type = 'OrderDelivered'),
+           count(*) FILTER (WHERE event_type = 'OrderCancelled'),
+           coalesce(sum(amount) FILTER (WHERE event_type = 'OrderDelivered'), 0)
+    FROM enriched
+    WHERE restaurant_id IS NOT NULL AND event_type IN ('OrderConfirmed', 'OrderDelivered', 'OrderCancelled')
+    GROUP BY 1, 2
+    ON CONFLICT (restaurant_id, day) DO UPDATE SET
+        confirmed = r.confirmed + EXCLUDED.confirmed, delivered = r.delivered + EXCLUDED.delivered,
+        cancelled = r.cancelled + EXCLUDED.cancelled, revenue = r.revenue + EXCLUDED.revenue
+    RETURNING 1
+)
+INSERT INTO projection_analytics_orders AS o (order_id, total_amount, restaurant_id, version)
+SELECT order_id, (array_agg(amount ORDER BY version DESC))[1], (array_agg(restaurant_id ORDER BY version DESC))[1],
+       max(version)
+FROM enriched GROUP BY order_id
+ON CONFLICT (order_id) DO UPDATE SET restaurant_id = EXCLUDED.restaurant_id, version = EXCLUDED.version

@@ -14,6 +14,7 @@ from pgprojector.errors import ConfigError
 from pgprojector.events import RecordedEvent
 
 Handler = Callable[[asyncpg.Connection, Sequence[RecordedEvent]], Awaitable[None]]
+RangeHandler = Callable[[asyncpg.Connection, int, int], Awaitable[None]]
 
 ENTRY_POINT_GROUP = "pgprojector.projections"
 BUILTINS = {
@@ -32,20 +33,27 @@ class Projection:
     - `handle(conn, events)`: applies a batch, in log order, inside the batch's transaction; the
       checkpoint is written in the same transaction, so the handler sees each event once
       (a replay after a crash re-applies nothing already committed). Raise to reject the batch.
+    - or `handle_range(conn, after, upto)`, for handlers written in SQL: the batch is the events in
+      positions (after, upto] of the wanted types, read by the handler's own set-based SQL straight
+      from `events` (no event travels to Python). Same transaction, same guarantees: the range never
+      reaches past the read horizon. Give exactly one of `handle` and `handle_range`.
     - `event_types`: the event types it wants (None: all); the others are passed over.
     - `schema`: idempotent DDL (CREATE TABLE IF NOT EXISTS ...) for its own tables, run by `migrate`.
     - `tables`: the tables `rebuild` empties before replaying the log.
     """
 
     name: str
-    handle: Handler
+    handle: Handler | None = None
     event_types: frozenset[str] | None = None
     schema: str = ""
     tables: tuple[str, ...] = field(default=())
+    handle_range: RangeHandler | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
             raise ConfigError(f"projection name {self.name!r} must be a lowercase identifier")
+        if (self.handle is None) == (self.handle_range is None):
+            raise ConfigError(f"projection {self.name}: give exactly one of handle and handle_range")
         if self.event_types is not None:
             object.__setattr__(self, "event_types", frozenset(self.event_types))
 

@@ -39,14 +39,13 @@ class Batch:
 
 
 class EventFailed(Exception):
-    """The projection's handler rejected the events after `position` (exclusive) up to `last`."""
+    """The projection's handler rejected the batch of events at positions `first`..`last`."""
 
-    def __init__(self, cause: BaseException, first: int, last: int, event: RecordedEvent) -> None:
+    def __init__(self, cause: BaseException, first: int, last: int) -> None:
         super().__init__(str(cause))
         self.cause = cause
         self.first = first
         self.last = last
-        self.event = event
 
 
 class ProjectionWorker:
@@ -134,18 +133,28 @@ class ProjectionWorker:
                 return Batch(inactive=True, checkpoint=checkpoint["position"], state=checkpoint["state"])
             position = checkpoint["position"]
             horizon, drawn = await conn.fetchrow(sql["horizon"])
-            rows = await conn.fetch(sql["read_batch"], position, horizon, self._types, limit)
-            events = [RecordedEvent.from_record(row) for row in rows]
+            events: list[RecordedEvent] | list[int]
+            if self.projection.handle_range is not None:
+                events = [row["position"] for row in await conn.fetch(
+                    sql["read_batch_positions"], position, horizon, self._types, limit)]
+                first, last = (events[0], events[-1]) if events else (0, 0)
+            else:
+                events = [RecordedEvent.from_record(row) for row in await conn.fetch(
+                    sql["read_batch"], position, horizon, self._types, limit)]
+                first, last = (events[0].position, events[-1].position) if events else (0, 0)
             if events:
                 try:
-                    await self.projection.handle(conn, events)
+                    if self.projection.handle_range is not None:
+                        await self.projection.handle_range(conn, position, last)
+                    else:
+                        await self.projection.handle(conn, events)  # type: ignore[misc,arg-type]
                 except Exception as exc:
                     if is_transient(exc):
                         raise
-                    raise EventFailed(exc, events[0].position, events[-1].position, events[0]) from exc
+                    raise EventFailed(exc, first, last) from exc
             full = len(events) == limit
             # A short read saw everything up to the horizon: no event at or below it can still appear.
-            new_position = events[-1].position if full else max(position, horizon)
+            new_position = last if full else max(position, horizon)
             if new_position != position:
                 await conn.execute(sql["save_checkpoint"], self.projection.name, new_position)
             if not full and self.on_caught_up is not None:
@@ -155,7 +164,7 @@ class ProjectionWorker:
         if self._isolate_until and new_position >= self._isolate_until:
             self._isolate_until = 0
         if events:
-            batch.first, batch.last = events[0].position, events[-1].position
+            batch.first, batch.last = first, last
             self.events_applied += len(events)
             self._attempts = 0
             elapsed = time.perf_counter() - started
@@ -178,9 +187,11 @@ class ProjectionWorker:
             self._log.warning("batch_failed_isolating", first=failure.first, last=failure.last, error=error)
             return
         self._attempts += 1
-        event = failure.event
-        context = {"position": event.position, "event_type": event.event_type, "aggregate_id": event.aggregate_id,
-                   "version": event.version, "attempt": self._attempts, "error": error}
+        async with db.acquire(self.pool) as conn:
+            event = await conn.fetchrow(queries()["event_at"], failure.first)
+        context = {"position": event["position"], "event_type": event["event_type"],
+                   "aggregate_id": event["aggregate_id"], "version": event["version"], "attempt": self._attempts,
+                   "error": error}
         if self._attempts < self.max_attempts:
             delay = backoff(self._attempts, base=0.2, cap=30.0)
             self._log.warning("event_retry", retry_in_s=round(delay, 2), **context)
@@ -189,18 +200,18 @@ class ProjectionWorker:
         async with db.acquire(self.pool) as conn, conn.transaction():
             checkpoint = await conn.fetchrow(queries()["lock_checkpoint"], self.projection.name)
             if (checkpoint is None or checkpoint["state"] != self.active_state
-                    or checkpoint["position"] >= event.position):
+                    or checkpoint["position"] >= event["position"]):
                 return  # someone else moved it meanwhile
             if self.on_error == "park":
-                await conn.execute(queries()["park_event"], self.projection.name, event.position, event.id, error,
-                                   self._attempts)
-                await conn.execute(queries()["save_checkpoint"], self.projection.name, event.position)
+                await conn.execute(queries()["park_event"], self.projection.name, event["position"], event["id"],
+                                   error, self._attempts)
+                await conn.execute(queries()["save_checkpoint"], self.projection.name, event["position"])
                 await conn.execute(queries()["record_error"], self.projection.name, error)
             else:
-                await conn.execute(queries()["halt_projection"], self.projection.name, event.position, error)
+                await conn.execute(queries()["halt_projection"], self.projection.name, event["position"], error)
         self._attempts = 0
         self._log.error("event_parked" if self.on_error == "park" else "projection_halted", **context)
-        if self._isolate_until <= event.position:
+        if self._isolate_until <= event["position"]:
             self._isolate_until = 0
 
     async def _on_database_failure(self, exc: BaseException) -> None:

@@ -1,109 +1,31 @@
-"""The order aggregate's events (CONTRACT.md), validated before any projection trusts them."""
+"""The order aggregate's events (CONTRACT.md): what the three built-in projections share.
+
+Validation is SQL (sql/projections/order_events.sql), run over a whole batch in one query before
+a projection applies it; the first event that cannot be applied becomes a ProjectionError that
+names it, and the worker retries, isolates, halts or parks it like any handler error.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from datetime import UTC, date, datetime
-from decimal import Decimal
-from typing import Annotated, Any
-
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+import asyncpg
 
 from pgprojector.errors import ProjectionError
-from pgprojector.events import RecordedEvent
+from pgprojector.sqlfiles import read_sql
 
-Money = Annotated[Decimal, Field(ge=0, max_digits=10, decimal_places=2, allow_inf_nan=False)]
-Id = Annotated[int, Field(ge=0, le=2**63 - 1)]
+ORDER_EVENT_TYPES = frozenset({"OrderCreated", "OrderConfirmed", "DriverAssigned", "OrderPickedUp",
+                               "OrderDelivered", "OrderCancelled"})
 
-
-class _OrderEvent(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore")
-    order_id: Id
+FUNCTIONS_SQL = read_sql("projections/order_events.sql")
 
 
-class OrderCreated(_OrderEvent):
-    user_id: Id
-    user_name: str = Field(max_length=100)
-    items: list[Any]
-    total_amount: Money
-    delivery_address: str
-
-
-class OrderConfirmed(_OrderEvent):
-    restaurant_id: Id
-    restaurant_name: str = Field(max_length=100)
-    estimated_delivery: AwareDatetime
-
-
-class DriverAssigned(_OrderEvent):
-    driver_id: Id
-    driver_name: str = Field(max_length=100)
-
-
-class OrderPickedUp(_OrderEvent):
-    pass
-
-
-class OrderDelivered(_OrderEvent):
-    pass
-
-
-class OrderCancelled(_OrderEvent):
-    reason: str
-
-
-MODELS: dict[str, type[_OrderEvent]] = {
-    model.__name__: model
-    for model in (OrderCreated, OrderConfirmed, DriverAssigned, OrderPickedUp, OrderDelivered, OrderCancelled)
-}
-STATUS_AFTER = {
-    "OrderCreated": "created",
-    "OrderConfirmed": "confirmed",
-    "DriverAssigned": "driver_assigned",
-    "OrderPickedUp": "picked_up",
-    "OrderDelivered": "delivered",
-    "OrderCancelled": "cancelled",
-}
-
-
-def parse(event: RecordedEvent) -> _OrderEvent | None:
-    """The validated payload of an order event; None for events of other kinds (passed over)."""
-    model = MODELS.get(event.event_type)
-    if model is None or event.aggregate_type != "order":
-        return None
-    try:
-        payload = model.model_validate(event.data)
-    except ValidationError as exc:
-        details = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'data'}: {e['msg']}" for e in exc.errors())
+async def reject_bad_event(conn: asyncpg.Connection, after: int, upto: int, types: list[str], state_table: str,
+                           version_column: str) -> None:
+    """Raise ProjectionError for the first event in (after, upto] this projection cannot apply."""
+    bad = await conn.fetchrow("SELECT * FROM pgprojector_first_bad_order_event($1, $2, $3, $4, $5)",
+                              after, upto, types, state_table, version_column)
+    if bad is not None:
         raise ProjectionError(
-            f"{event.event_type} at position {event.position} ({event.aggregate_id} v{event.version}): "
-            f"invalid data: {details}",
-            position=event.position, event_type=event.event_type,
-        ) from None
-    if event.aggregate_id != f"order_{payload.order_id}":
-        raise ProjectionError(
-            f"{event.event_type} at position {event.position}: aggregate {event.aggregate_id} "
-            f"carries order_id {payload.order_id}",
-            position=event.position, event_type=event.event_type,
+            f"{bad['event_type_name']} at position {bad['event_position']} ({bad['event_aggregate_id']} "
+            f"v{bad['event_version']}): {bad['problem']}",
+            position=bad["event_position"], event_type=bad["event_type_name"],
         )
-    return payload
-
-
-def parse_batch(events: Sequence[RecordedEvent]) -> list[tuple[RecordedEvent, _OrderEvent]]:
-    parsed = []
-    for event in events:
-        payload = parse(event)
-        if payload is not None:
-            parsed.append((event, payload))
-    return parsed
-
-
-def not_created(event: RecordedEvent) -> ProjectionError:
-    return ProjectionError(
-        f"{event.event_type} at position {event.position}: {event.aggregate_id} has no OrderCreated applied",
-        position=event.position, event_type=event.event_type,
-    )
-
-
-def utc_day(moment: datetime) -> date:
-    return moment.astimezone(UTC).date()
