@@ -1,18 +1,45 @@
--- Set-based application of the built-in projections: every query applies the events of one
--- batch, the position range ($1, $2] restricted to the projection's event types $3, in one
--- statement. pgprojector_first_bad_order_event() has checked the range first, so every event in
--- it is valid; events at or below the version a projection has applied are replays and skipped.
--- Within a batch, an order's events are folded in version order.
+-- Set-based application of the built-in projections: each apply statement takes the events of
+-- one batch, the position range ($1, $2] of the projection's event types $3, checks them all
+-- and folds them into its tables, order by order in version order. Events at or below the version
+-- a projection has applied are replays and change nothing.
 
--- name: orders_apply
-WITH batch AS (
-    SELECT (e.data ->> 'order_id')::bigint AS order_id, e.event_type, e.version, e.data, e.created_at
+-- name: checked_batch
+-- The common head of every apply statement, for a projection that keeps its per-order version in
+-- {state_table}.{version_column}. `verdict` raises (ending the statement) at the first event that
+-- cannot be applied: invalid data, a second OrderCreated, or no OrderCreated applied.
+batch AS MATERIALIZED (
+    SELECT e.position, e.aggregate_id, e.event_type, e.version, e.data, e.created_at,
+           pgprojector_order_event_problem(e.aggregate_id, e.event_type, e.data) AS problem
     FROM events e
     WHERE e.position > $1 AND e.position <= $2 AND e.aggregate_type = 'order' AND e.event_type = ANY($3::text[])
+), creations AS (
+    SELECT aggregate_id, min(position) AS first_created FROM batch
+    WHERE event_type = 'OrderCreated' GROUP BY aggregate_id
+), judged AS MATERIALIZED (
+    SELECT b.*, CASE WHEN b.problem IS NULL THEN (b.data ->> 'order_id')::bigint END AS order_id,
+           s.{version_column} AS known_version, coalesce(c.first_created < b.position, false) AS created_earlier
+    FROM batch b
+    LEFT JOIN creations c USING (aggregate_id)
+    LEFT JOIN {state_table} s ON s.order_id = CASE WHEN b.problem IS NULL THEN (b.data ->> 'order_id')::bigint END
+), verdict AS (
+    SELECT pgprojector_reject_order_event(position, aggregate_id, event_type, version, problem) AS rejected
+    FROM (SELECT position, aggregate_id, event_type, version, CASE
+              WHEN problem IS NOT NULL THEN problem
+              WHEN known_version IS NOT NULL AND version <= known_version THEN NULL
+              WHEN event_type = 'OrderCreated' AND (known_version IS NOT NULL OR created_earlier)
+                  THEN 'the order exists already'
+              WHEN event_type <> 'OrderCreated' AND known_version IS NULL AND NOT created_earlier
+                  THEN 'no OrderCreated applied for this order'
+          END AS problem FROM judged) j
+    WHERE problem IS NOT NULL
+    ORDER BY position
+    LIMIT 1
 ), fresh AS (
-    SELECT b.* FROM batch b LEFT JOIN read_model_orders t USING (order_id)
-    WHERE t.current_version IS NULL OR b.version > t.current_version
-), per_order AS (
+    SELECT * FROM judged WHERE (known_version IS NULL OR version > known_version) AND NOT EXISTS (SELECT FROM verdict)
+)
+
+-- name: orders_apply
+WITH {checked_batch}, per_order AS (
     SELECT order_id,
            max(version) AS current_version,
            (array_agg(event_type ORDER BY version DESC))[1] AS last_type,
@@ -45,14 +72,7 @@ FROM per_order p
 WHERE p.order_id = t.order_id AND p.created IS NULL
 
 -- name: dashboard_apply
-WITH batch AS (
-    SELECT (e.data ->> 'order_id')::bigint AS order_id, e.event_type, e.version, e.data
-    FROM events e
-    WHERE e.position > $1 AND e.position <= $2 AND e.aggregate_type = 'order' AND e.event_type = ANY($3::text[])
-), fresh AS (
-    SELECT b.* FROM batch b LEFT JOIN projection_dashboard_orders s USING (order_id)
-    WHERE s.version IS NULL OR b.version > s.version
-), per_order AS (
+WITH {checked_batch}, per_order AS (
     SELECT order_id, max(version) AS version,
            (array_agg(event_type ORDER BY version DESC))[1] AS last_type,
            (array_agg(pgprojector_money(data -> 'total_amount')) FILTER (WHERE event_type = 'OrderCreated'))[1] AS amount
@@ -82,14 +102,9 @@ ON CONFLICT (status) DO UPDATE SET
 DELETE FROM read_model_dashboard WHERE order_count = 0
 
 -- name: analytics_apply
-WITH batch AS (
-    SELECT (e.data ->> 'order_id')::bigint AS order_id, e.event_type, e.version, e.data, e.created_at
-    FROM events e
-    WHERE e.position > $1 AND e.position <= $2 AND e.aggregate_type = 'order' AND e.event_type = ANY($3::text[])
-), fresh AS (
-    SELECT b.*, s.restaurant_id AS known_restaurant, s.total_amount AS known_amount
-    FROM batch b LEFT JOIN projection_analytics_orders s USING (order_id)
-    WHERE s.version IS NULL OR b.version > s.version
+WITH {checked_batch}, known AS (
+    SELECT f.*, s.restaurant_id AS known_restaurant, s.total_amount AS known_amount
+    FROM fresh f LEFT JOIN projection_analytics_orders s USING (order_id)
 ), enriched AS (
     -- Each event with the restaurant that had confirmed the order by then, and the order's amount.
     SELECT order_id, event_type, version, created_at,
@@ -98,7 +113,7 @@ WITH batch AS (
                     known_restaurant) AS restaurant_id,
            coalesce(known_amount, (array_agg(pgprojector_money(data -> 'total_amount'))
                                        FILTER (WHERE event_type = 'OrderCreated') OVER w)[1]) AS amount
-    FROM fresh
+    FROM known
     WINDOW w AS (PARTITION BY order_id ORDER BY version)
 ), counted AS (
     INSERT INTO read_model_restaurant_daily AS r (restaurant_id, day, confirmed, delivered, cancelled, revenue)

@@ -9,16 +9,16 @@ from __future__ import annotations
 import asyncpg
 
 from pgprojector.projection import Projection
-from pgprojector.projections.order_events import FUNCTIONS_SQL, reject_bad_event
-from pgprojector.sqlfiles import queries, read_sql
+from pgprojector.projections.order_events import FUNCTIONS_SQL, apply_statement
+from pgprojector.sqlfiles import read_sql
 
 _WANTED = frozenset({"OrderCreated", "OrderConfirmed", "OrderDelivered", "OrderCancelled"})
+_APPLY = apply_statement("analytics_apply", "projection_analytics_orders", "version")
 _TYPES = sorted(_WANTED)
 
 
 async def apply(conn: asyncpg.Connection, after: int, upto: int) -> None:
-    await reject_bad_event(conn, after, upto, _TYPES, "projection_analytics_orders", "version")
-    await conn.execute(queries("projections/queries.sql")["analytics_apply"], after, upto, _TYPES)
+    await conn.execute(_APPLY, after, upto, _TYPES)
 
 
 projection = Projection(

@@ -9,16 +9,20 @@ from __future__ import annotations
 import asyncpg
 
 from pgprojector.projection import Projection
-from pgprojector.projections.order_events import FUNCTIONS_SQL, ORDER_EVENT_TYPES, reject_bad_event
+from pgprojector.projections.order_events import (
+    FUNCTIONS_SQL,
+    ORDER_EVENT_TYPES,
+    apply_statement,
+)
 from pgprojector.sqlfiles import queries, read_sql
 
+_APPLY = apply_statement("dashboard_apply", "projection_dashboard_orders", "version")
 _TYPES = sorted(ORDER_EVENT_TYPES)
 
 
 async def apply(conn: asyncpg.Connection, after: int, upto: int) -> None:
-    await reject_bad_event(conn, after, upto, _TYPES, "projection_dashboard_orders", "version")
     sql = queries("projections/queries.sql")
-    await conn.execute(sql["dashboard_apply"], after, upto, _TYPES)
+    await conn.execute(_APPLY, after, upto, _TYPES)
     await conn.execute(sql["dashboard_drop_empty"])
 
 

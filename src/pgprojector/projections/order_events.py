@@ -1,16 +1,14 @@
 """The order aggregate's events (CONTRACT.md): what the three built-in projections share.
 
-Validation is SQL (sql/projections/order_events.sql), run over a whole batch in one query before
-a projection applies it; the first event that cannot be applied becomes a ProjectionError that
-names it, and the worker retries, isolates, halts or parks it like any handler error.
+Each projection applies a batch with one statement (sql/projections/queries.sql) whose common head
+validates every event of the batch (sql/projections/order_events.sql) and stops the statement at
+the first one that cannot be applied, naming it; the worker then retries, isolates, halts or parks
+it like any handler error.
 """
 
 from __future__ import annotations
 
-import asyncpg
-
-from pgprojector.errors import ProjectionError
-from pgprojector.sqlfiles import read_sql
+from pgprojector.sqlfiles import queries, read_sql
 
 ORDER_EVENT_TYPES = frozenset({"OrderCreated", "OrderConfirmed", "DriverAssigned", "OrderPickedUp",
                                "OrderDelivered", "OrderCancelled"})
@@ -18,14 +16,8 @@ ORDER_EVENT_TYPES = frozenset({"OrderCreated", "OrderConfirmed", "DriverAssigned
 FUNCTIONS_SQL = read_sql("projections/order_events.sql")
 
 
-async def reject_bad_event(conn: asyncpg.Connection, after: int, upto: int, types: list[str], state_table: str,
-                           version_column: str) -> None:
-    """Raise ProjectionError for the first event in (after, upto] this projection cannot apply."""
-    bad = await conn.fetchrow("SELECT * FROM pgprojector_first_bad_order_event($1, $2, $3, $4, $5)",
-                              after, upto, types, state_table, version_column)
-    if bad is not None:
-        raise ProjectionError(
-            f"{bad['event_type_name']} at position {bad['event_position']} ({bad['event_aggregate_id']} "
-            f"v{bad['event_version']}): {bad['problem']}",
-            position=bad["event_position"], event_type=bad["event_type_name"],
-        )
+def apply_statement(name: str, state_table: str, version_column: str) -> str:
+    """The named apply statement, headed by the batch check against the projection's own state table."""
+    sql = queries("projections/queries.sql")
+    head = sql["checked_batch"].format(state_table=state_table, version_column=version_column)
+    return sql[name].format(checked_batch=head)

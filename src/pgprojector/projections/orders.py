@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncpg
 
 from pgprojector.projection import Projection
-from pgprojector.projections.order_events import FUNCTIONS_SQL, ORDER_EVENT_TYPES, reject_bad_event
-from pgprojector.sqlfiles import queries, read_sql
+from pgprojector.projections.order_events import (
+    FUNCTIONS_SQL,
+    ORDER_EVENT_TYPES,
+    apply_statement,
+)
+from pgprojector.sqlfiles import read_sql
 
+_APPLY = apply_statement("orders_apply", "read_model_orders", "current_version")
 _TYPES = sorted(ORDER_EVENT_TYPES)
 
 
 async def apply(conn: asyncpg.Connection, after: int, upto: int) -> None:
-    await reject_bad_event(conn, after, upto, _TYPES, "read_model_orders", "current_version")
-    await conn.execute(queries("projections/queries.sql")["orders_apply"], after, upto, _TYPES)
+    await conn.execute(_APPLY, after, upto, _TYPES)
 
 
 projection = Projection(
