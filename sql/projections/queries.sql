@@ -39,16 +39,22 @@ batch AS MATERIALIZED (
 )
 
 -- name: orders_apply
-WITH {checked_batch}, per_order AS (
-    SELECT order_id,
-           max(version) AS current_version,
-           (array_agg(event_type ORDER BY version DESC))[1] AS last_type,
-           (array_agg(created_at ORDER BY version DESC))[1] AS updated_at,
-           (array_agg(data ORDER BY version DESC) FILTER (WHERE event_type = 'OrderCreated'))[1] AS created,
-           (array_agg(created_at ORDER BY version DESC) FILTER (WHERE event_type = 'OrderCreated'))[1] AS created_at,
-           (array_agg(data ORDER BY version DESC) FILTER (WHERE event_type = 'OrderConfirmed'))[1] AS confirmed,
-           (array_agg(data ORDER BY version DESC) FILTER (WHERE event_type = 'DriverAssigned'))[1] AS driver
-    FROM fresh GROUP BY order_id
+WITH {checked_batch}, latest AS (
+    -- Each order's latest event in the batch...
+    SELECT DISTINCT ON (order_id) order_id, version AS current_version, event_type AS last_type,
+           created_at AS updated_at
+    FROM fresh ORDER BY order_id, version DESC
+), latest_of_type AS (
+    -- ... and its latest event of each type that carries columns (one sort, not one per column).
+    SELECT DISTINCT ON (order_id, event_type) order_id, event_type, data, created_at
+    FROM fresh WHERE event_type IN ('OrderCreated', 'OrderConfirmed', 'DriverAssigned')
+    ORDER BY order_id, event_type, version DESC
+), per_order AS (
+    SELECT l.*, c.data AS created, c.created_at, f.data AS confirmed, d.data AS driver
+    FROM latest l
+    LEFT JOIN latest_of_type c ON c.order_id = l.order_id AND c.event_type = 'OrderCreated'
+    LEFT JOIN latest_of_type f ON f.order_id = l.order_id AND f.event_type = 'OrderConfirmed'
+    LEFT JOIN latest_of_type d ON d.order_id = l.order_id AND d.event_type = 'DriverAssigned'
 ), created AS (
     INSERT INTO read_model_orders (order_id, user_id, restaurant_id, status, items, total_amount, delivery_address,
                                    created_at, updated_at, current_version, user_name, restaurant_name, driver_name,
@@ -73,10 +79,11 @@ WHERE p.order_id = t.order_id AND p.created IS NULL
 
 -- name: dashboard_apply
 WITH {checked_batch}, per_order AS (
-    SELECT order_id, max(version) AS version,
-           (array_agg(event_type ORDER BY version DESC))[1] AS last_type,
-           (array_agg(pgprojector_money(data -> 'total_amount')) FILTER (WHERE event_type = 'OrderCreated'))[1] AS amount
-    FROM fresh GROUP BY order_id
+    SELECT DISTINCT ON (order_id) order_id, version, event_type AS last_type,
+           -- A batch holds at most one OrderCreated per order (the check refuses a second).
+           max(pgprojector_money(data -> 'total_amount')) FILTER (WHERE event_type = 'OrderCreated')
+               OVER (PARTITION BY order_id) AS amount
+    FROM fresh ORDER BY order_id, version DESC
 ), moved AS (
     SELECT p.order_id, s.status AS old_status, s.total_amount AS old_amount,
            pgprojector_order_status(p.last_type) AS new_status, coalesce(p.amount, s.total_amount) AS amount, p.version
@@ -131,7 +138,6 @@ WITH {checked_batch}, known AS (
     RETURNING 1
 )
 INSERT INTO projection_analytics_orders AS o (order_id, total_amount, restaurant_id, version)
-SELECT order_id, (array_agg(amount ORDER BY version DESC))[1], (array_agg(restaurant_id ORDER BY version DESC))[1],
-       max(version)
-FROM enriched GROUP BY order_id
+SELECT DISTINCT ON (order_id) order_id, amount, restaurant_id, version
+FROM enriched ORDER BY order_id, version DESC
 ON CONFLICT (order_id) DO UPDATE SET restaurant_id = EXCLUDED.restaurant_id, version = EXCLUDED.version

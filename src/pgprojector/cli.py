@@ -22,7 +22,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 _SETTING_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--dsn", {"help": "PostgreSQL URL [PGPROJECTOR_DSN]"}),
     ("--channel", {"help": "NOTIFY channel, a plain identifier [PGPROJECTOR_CHANNEL, default events]"}),
-    ("--batch-size", {"type": int, "help": "most events applied in one transaction [PGPROJECTOR_BATCH_SIZE, default 1000]"}),
+    ("--batch-size", {"type": int, "help": "most events applied in one transaction [PGPROJECTOR_BATCH_SIZE, default 5000]"}),
     ("--poll-interval", {"type": float, "help": "seconds between catch-up reads without a notification "
                                                  "[PGPROJECTOR_POLL_INTERVAL, default 1.0]"}),
     ("--projections", {"help": "comma-separated built-in names (orders, dashboard, analytics) and/or "
