@@ -77,30 +77,29 @@ def server() -> Iterator[Server]:
         yield found
 
 
-@pytest.fixture
-async def dsn(server: Server) -> AsyncIterator[str]:
-    """A fresh, migrated database of this test's own."""
-    name = f"pgprojector_test_{uuid.uuid4().hex[:12]}"
+async def _fresh_database(server: Server, prefix: str, template: str | None) -> AsyncIterator[str]:
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(server.admin_dsn)
     try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE}"')
+        await admin.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
     finally:
         await admin.close()
     yield server.dsn_for(name)
     await _drop(server, name)
+
+
+@pytest.fixture
+async def dsn(server: Server) -> AsyncIterator[str]:
+    """A fresh, migrated database of this test's own."""
+    async for name in _fresh_database(server, "pgprojector_test", TEMPLATE):
+        yield name
 
 
 @pytest.fixture
 async def empty_dsn(server: Server) -> AsyncIterator[str]:
     """A fresh database with nothing in it, for migration tests."""
-    name = f"pgprojector_empty_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(server.admin_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield server.dsn_for(name)
-    await _drop(server, name)
+    async for name in _fresh_database(server, "pgprojector_empty", None):
+        yield name
 
 
 @pytest.fixture

@@ -15,12 +15,18 @@ batch AS MATERIALIZED (
 ), creations AS (
     SELECT aggregate_id, min(position) AS first_created FROM batch
     WHERE event_type = 'OrderCreated' GROUP BY aggregate_id
+), orders_seen AS MATERIALIZED (
+    SELECT DISTINCT (data ->> 'order_id')::bigint AS order_id FROM batch WHERE problem IS NULL
+), known_versions AS MATERIALIZED (
+    -- The batch's orders only, by primary key: no pass over the whole state table per batch.
+    SELECT s.order_id, s.{version_column} AS known_version
+    FROM orders_seen o JOIN {state_table} s ON s.order_id = o.order_id
 ), judged AS MATERIALIZED (
     SELECT b.*, CASE WHEN b.problem IS NULL THEN (b.data ->> 'order_id')::bigint END AS order_id,
-           s.{version_column} AS known_version, coalesce(c.first_created < b.position, false) AS created_earlier
+           k.known_version, coalesce(c.first_created < b.position, false) AS created_earlier
     FROM batch b
     LEFT JOIN creations c USING (aggregate_id)
-    LEFT JOIN {state_table} s ON s.order_id = CASE WHEN b.problem IS NULL THEN (b.data ->> 'order_id')::bigint END
+    LEFT JOIN known_versions k ON k.order_id = CASE WHEN b.problem IS NULL THEN (b.data ->> 'order_id')::bigint END
 ), verdict AS (
     SELECT pgprojector_reject_order_event(position, aggregate_id, event_type, version, problem) AS rejected
     FROM (SELECT position, aggregate_id, event_type, version, CASE

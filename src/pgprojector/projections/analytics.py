@@ -4,27 +4,12 @@ It remembers each order's amount (from OrderCreated) and confirming restaurant i
 projection_analytics_orders. DriverAssigned and OrderPickedUp change nothing here.
 """
 
-from __future__ import annotations
+from pgprojector.projections.order_events import order_projection
 
-import asyncpg
-
-from pgprojector.projection import Projection
-from pgprojector.projections.order_events import FUNCTIONS_SQL, apply_statement
-from pgprojector.sqlfiles import read_sql
-
-_WANTED = frozenset({"OrderCreated", "OrderConfirmed", "OrderDelivered", "OrderCancelled"})
-_APPLY = apply_statement("analytics_apply", "projection_analytics_orders", "version")
-_TYPES = sorted(_WANTED)
-
-
-async def apply(conn: asyncpg.Connection, after: int, upto: int) -> None:
-    await conn.execute(_APPLY, after, upto, _TYPES)
-
-
-projection = Projection(
-    name="analytics",
-    handle_range=apply,
-    event_types=_WANTED,
-    schema=FUNCTIONS_SQL + read_sql("projections/analytics.sql"),
+projection = order_projection(
+    "analytics",
+    event_types=frozenset({"OrderCreated", "OrderConfirmed", "OrderDelivered", "OrderCancelled"}),
+    state_table="projection_analytics_orders",
+    version_column="version",
     tables=("read_model_restaurant_daily", "projection_analytics_orders"),
 )

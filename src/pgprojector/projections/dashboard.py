@@ -4,32 +4,13 @@ It remembers each order's status and amount in its own projection_dashboard_orde
 order between statuses needs both, and no projection reads another's tables.
 """
 
-from __future__ import annotations
+from pgprojector.projections.order_events import ORDER_EVENT_TYPES, order_projection
 
-import asyncpg
-
-from pgprojector.projection import Projection
-from pgprojector.projections.order_events import (
-    FUNCTIONS_SQL,
-    ORDER_EVENT_TYPES,
-    apply_statement,
-)
-from pgprojector.sqlfiles import queries, read_sql
-
-_APPLY = apply_statement("dashboard_apply", "projection_dashboard_orders", "version")
-_TYPES = sorted(ORDER_EVENT_TYPES)
-
-
-async def apply(conn: asyncpg.Connection, after: int, upto: int) -> None:
-    sql = queries("projections/queries.sql")
-    await conn.execute(_APPLY, after, upto, _TYPES)
-    await conn.execute(sql["dashboard_drop_empty"])
-
-
-projection = Projection(
-    name="dashboard",
-    handle_range=apply,
+projection = order_projection(
+    "dashboard",
     event_types=ORDER_EVENT_TYPES,
-    schema=FUNCTIONS_SQL + read_sql("projections/dashboard.sql"),
+    state_table="projection_dashboard_orders",
+    version_column="version",
     tables=("read_model_dashboard", "projection_dashboard_orders"),
+    then=("dashboard_drop_empty",),
 )

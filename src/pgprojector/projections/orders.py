@@ -1,29 +1,11 @@
 """read_model_orders: one row per order, its latest state."""
 
-from __future__ import annotations
+from pgprojector.projections.order_events import ORDER_EVENT_TYPES, order_projection
 
-import asyncpg
-
-from pgprojector.projection import Projection
-from pgprojector.projections.order_events import (
-    FUNCTIONS_SQL,
-    ORDER_EVENT_TYPES,
-    apply_statement,
-)
-from pgprojector.sqlfiles import read_sql
-
-_APPLY = apply_statement("orders_apply", "read_model_orders", "current_version")
-_TYPES = sorted(ORDER_EVENT_TYPES)
-
-
-async def apply(conn: asyncpg.Connection, after: int, upto: int) -> None:
-    await conn.execute(_APPLY, after, upto, _TYPES)
-
-
-projection = Projection(
-    name="orders",
-    handle_range=apply,
+projection = order_projection(
+    "orders",
     event_types=ORDER_EVENT_TYPES,
-    schema=FUNCTIONS_SQL + read_sql("projections/orders.sql"),
+    state_table="read_model_orders",
+    version_column="current_version",
     tables=("read_model_orders",),
 )
