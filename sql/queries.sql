@@ -66,9 +66,6 @@ SET error = EXCLUDED.error, attempts = EXCLUDED.attempts, parked_at = now()
 -- name: record_error
 UPDATE pgprojector_projections SET last_error = $2, updated_at = now() WHERE name = $1
 
--- name: projection_state
-SELECT state FROM pgprojector_projections WHERE name = $1
-
 -- name: waiting_on
 -- Open transactions that appended events and hold the horizon back.
 SELECT a.pid, a.marker, s.xact_start, s.application_name, s.state

@@ -133,47 +133,57 @@ class ProjectionWorker:
                 return Batch(inactive=True, checkpoint=checkpoint["position"], state=checkpoint["state"])
             position = checkpoint["position"]
             horizon, drawn = await conn.fetchrow(sql["horizon"])
-            events: list[RecordedEvent] | list[int]
-            if self.projection.handle_range is not None:
-                events = [row["position"] for row in await conn.fetch(
-                    sql["read_batch_positions"], position, horizon, self._types, limit)]
-                first, last = (events[0], events[-1]) if events else (0, 0)
-            else:
-                events = [RecordedEvent.from_record(row) for row in await conn.fetch(
-                    sql["read_batch"], position, horizon, self._types, limit)]
-                first, last = (events[0].position, events[-1].position) if events else (0, 0)
-            if events:
-                try:
-                    if self.projection.handle_range is not None:
-                        await self.projection.handle_range(conn, position, last)
-                    else:
-                        await self.projection.handle(conn, events)  # type: ignore[misc,arg-type]
-                except Exception as exc:
-                    if is_transient(exc):
-                        raise
-                    raise EventFailed(exc, first, last) from exc
-            full = len(events) == limit
+            applied, first, last = await self._read_and_apply(conn, position, horizon, limit)
+            full = applied == limit
             # A short read saw everything up to the horizon: no event at or below it can still appear.
             new_position = last if full else max(position, horizon)
             if new_position != position:
                 await conn.execute(sql["save_checkpoint"], self.projection.name, new_position)
             if not full and self.on_caught_up is not None:
                 await self.on_caught_up(conn)
-        batch = Batch(applied=len(events), caught_up=not full, checkpoint=new_position, horizon=horizon,
+        batch = Batch(applied=applied, caught_up=not full, checkpoint=new_position, horizon=horizon,
                       held_back=drawn > horizon)
         if self._isolate_until and new_position >= self._isolate_until:
             self._isolate_until = 0
-        if events:
+        if applied:
             batch.first, batch.last = first, last
-            self.events_applied += len(events)
+            self.events_applied += applied
             self._attempts = 0
             elapsed = time.perf_counter() - started
-            self.metrics.batch(self.projection.name, len(events), elapsed, new_position)
-            self._log.info("batch_applied", first=batch.first, last=batch.last, events=len(events),
+            self.metrics.batch(self.projection.name, applied, elapsed, new_position)
+            self._log.info("batch_applied", first=batch.first, last=batch.last, events=applied,
                            checkpoint=new_position, ms=round(elapsed * 1000, 1))
         if batch.caught_up and not self._isolating():
             self._log.debug("caught_up", checkpoint=new_position)
         return batch
+
+    async def _read_and_apply(self, conn: asyncpg.Connection, after: int, horizon: int,
+                              limit: int) -> tuple[int, int, int]:
+        """Apply up to `limit` wanted events after `after`, none past `horizon`: (count, first, last position)."""
+        sql = queries()
+        handle_range = self.projection.handle_range
+        if handle_range is not None:
+            positions = [row["position"] for row in await conn.fetch(
+                sql["read_batch_positions"], after, horizon, self._types, limit)]
+            if not positions:
+                return 0, 0, 0
+            count, first, last = len(positions), positions[0], positions[-1]
+            apply = handle_range(conn, after, last)
+        else:
+            assert self.projection.handle is not None
+            events = [RecordedEvent.from_record(row) for row in await conn.fetch(
+                sql["read_batch"], after, horizon, self._types, limit)]
+            if not events:
+                return 0, 0, 0
+            count, first, last = len(events), events[0].position, events[-1].position
+            apply = self.projection.handle(conn, events)
+        try:
+            await apply
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            raise EventFailed(exc, first, last) from exc
+        return count, first, last
 
     def _isolating(self) -> bool:
         return self._isolate_until > 0
