@@ -446,6 +446,27 @@ async def test_dead_letters_retry_applies_parked_events_once_fixed(conn, dsn):
     assert run_ops("dead-letters", "retry", "1", "--all", dsn=dsn).returncode == 2
 
 
+async def test_dead_letters_retry_applies_a_built_in_projections_parked_event(conn, dsn):
+    """The built-ins apply ranges of positions in SQL; a parked event is retried through the same path."""
+    await conn.execute(  # someone wrote order 5 into the read model by hand: its OrderCreated is refused
+        "INSERT INTO read_model_orders (order_id, user_id, status, items, created_at, updated_at, current_version) "
+        "VALUES (5, 1, 'created', '[]', now(), now(), 0)")
+    created = NewEvent("OrderCreated", {"order_id": 5, "user_id": 7, "user_name": "u", "items": [],
+                                        "total_amount": "3.50", "delivery_address": "a"})
+    await EventStore(conn).append("order_5", "order", [created], expected_version=0)
+    async with running_daemon(dsn, projections="orders", on_error="park", max_attempts=1):
+        await wait_until(lambda: caught_up(conn, "orders"))
+    assert "the order exists already" in await conn.fetchval("SELECT error FROM pgprojector_dead_letters")
+
+    await conn.execute("DELETE FROM read_model_orders WHERE order_id = 5")  # the cause, fixed
+    retried = run_ops("dead-letters", "retry", "--all", dsn=dsn, projections="orders")
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+    assert "1 of 1 dead letter(s) resolved" in retried.stdout
+    row = await conn.fetchrow("SELECT user_id, total_amount, current_version FROM read_model_orders "
+                              "WHERE order_id = 5")
+    assert (row["user_id"], str(row["total_amount"]), row["current_version"]) == (7, "3.50", 1)
+
+
 async def test_rebuild_parks_or_halts_at_an_event_that_keeps_failing(conn, dsn):
     await migrate(conn, "events", [flaky])
     await conn.execute("INSERT INTO flaky_allowed VALUES ('a_1'), ('a_2')")

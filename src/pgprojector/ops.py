@@ -423,7 +423,7 @@ async def retry_dead_letters(conn: asyncpg.Connection, ids: list[int] | None,
                 continue
             try:
                 async with conn.transaction():
-                    await projection.handle(conn, [event])
+                    await projection.apply_one(conn, event)
             except Exception as exc:
                 if is_transient(exc):
                     raise

@@ -57,6 +57,14 @@ class Projection:
         if self.event_types is not None:
             object.__setattr__(self, "event_types", frozenset(self.event_types))
 
+    async def apply_one(self, conn: asyncpg.Connection, event: RecordedEvent) -> None:
+        """Apply a single event with whichever handler this projection has (a dead letter's retry)."""
+        if self.handle_range is not None:
+            await self.handle_range(conn, event.position - 1, event.position)
+        else:
+            assert self.handle is not None
+            await self.handle(conn, [event])
+
 
 def load_projection(ref: str) -> Projection:
     """A built-in name, an entry point in group `pgprojector.projections`, or `module:attribute`."""
