@@ -20,23 +20,19 @@
 -- row trigger reads the aggregate's current version) and the sequence grants below.
 
 DO $$
+DECLARE
+    group_role TEXT;
 BEGIN
-    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'pgprojector_producer') THEN
-        CREATE ROLE pgprojector_producer NOLOGIN;
-    END IF;
-EXCEPTION
-    -- Another session (another database of the cluster) created it between the check and here.
-    WHEN duplicate_object OR unique_violation THEN NULL;
-END
-$$;
-
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'pgprojector_projector') THEN
-        CREATE ROLE pgprojector_projector NOLOGIN;
-    END IF;
-EXCEPTION
-    WHEN duplicate_object OR unique_violation THEN NULL;
+    FOREACH group_role IN ARRAY ARRAY['pgprojector_producer', 'pgprojector_projector'] LOOP
+        BEGIN
+            IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = group_role) THEN
+                EXECUTE format('CREATE ROLE %I NOLOGIN', group_role);
+            END IF;
+        EXCEPTION
+            -- Another session (another database of the cluster) created it between the check and here.
+            WHEN duplicate_object OR unique_violation THEN NULL;
+        END;
+    END LOOP;
 END
 $$;
 
