@@ -45,7 +45,6 @@ class Daemon:
         self.metrics = Metrics(None)
         self.listener = Listener(self.dsn, settings.channel, self._wake_all,
                                  on_reconnect=lambda: self.metrics.reconnect("listener"))
-        self.on_ready: Callable[[], None] = lambda: None
 
     async def run(self) -> None:
         """Until a stop is requested; raises if the daemon cannot go on (the service manager restarts it)."""
@@ -101,7 +100,6 @@ class Daemon:
             await worker.caught_up_once.wait()
         log.info("daemon_ready", projections=[p.name for p in self.projections])
         systemd.notify_ready(f"running {', '.join(p.name for p in self.projections)}")
-        self.on_ready()
 
     async def _open_pool(self) -> asyncpg.Pool | None:
         failures = 0

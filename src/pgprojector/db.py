@@ -10,6 +10,8 @@ from typing import Any
 
 import asyncpg
 
+from pgprojector.retry import is_transient
+
 APPLICATION_NAME = "pgprojector"
 _PASSWORD_IN_URL = re.compile(r"(?P<head>^[a-zA-Z][\w+.-]*://[^:/@]*:)(?P<password>[^@]*)(?P<tail>@)")
 _PASSWORD_PARAM = re.compile(r"(?P<head>[?&]password=)(?P<password>[^&]*)", re.IGNORECASE)
@@ -76,13 +78,6 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__
 
 
-def connection_suspect(exc: BaseException) -> bool:
-    """Did this error come from the connection rather than from the SQL?"""
-    from pgprojector.retry import is_transient
-
-    return is_transient(exc) or isinstance(exc, asyncpg.InternalClientError)
-
-
 @asynccontextmanager
 async def acquire(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
     """pool.acquire(), but a connection that failed at the connection level is discarded, not reused.
@@ -96,13 +91,13 @@ async def acquire(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
     try:
         yield conn
     except BaseException as exc:
-        if connection_suspect(exc):
+        if is_transient(exc):
             conn.terminate()
         raise
     finally:
         try:
             await pool.release(conn)
         except Exception as exc:
-            if not connection_suspect(exc):
+            if not is_transient(exc):
                 raise
             conn.terminate()

@@ -99,30 +99,29 @@ class Follower:
 
     async def run(self, conn: asyncpg.Connection) -> None:
         """Until cancelled, or until `limit` events were printed. `conn` is used first, then replaced."""
+        current: asyncpg.Connection | None = conn
         failures = 0
-        while True:
-            try:
-                await self._follow(conn)
-                return
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                failures += 1
-                delay = backoff(failures, base=0.2, cap=10.0)
-                log.warning("events_reconnect", error=db.describe_error(exc), position=self.position,
-                            retry_in_s=round(delay, 2))
-            finally:
-                conn.terminate()
+        try:
             while True:
-                await anyio.sleep(delay)
                 try:
-                    conn = await db.connect(self._dsn, role="events", timeout=10)
-                    break
+                    if current is None:
+                        current = await db.connect(self._dsn, role="events", timeout=10)
+                    await self._follow(current)
+                    return
                 except Exception as exc:
                     if not is_transient(exc):
                         raise
                     failures += 1
                     delay = backoff(failures, base=0.2, cap=10.0)
+                    log.warning("events_reconnect", error=db.describe_error(exc), position=self.position,
+                                retry_in_s=round(delay, 2))
+                    if current is not None:
+                        current.terminate()
+                        current = None
+                    await anyio.sleep(delay)
+        finally:
+            if current is not None:
+                current.terminate()
 
     async def _follow(self, conn: asyncpg.Connection) -> None:
         wakeup = Wakeup()
