@@ -417,15 +417,36 @@ def _aware(value: Any) -> datetime | None:
     return moment if moment.tzinfo is not None else None
 
 
-def invalid_reason(event: LogEvent) -> str | None:
-    """Why `event`'s data does not validate against CONTRACT.md's fields, or None."""
+# The data fields each built-in projection reads, and so checks; every projection takes the order
+# from aggregate_id, which must be order_<digits>.
+READS = {
+    "orders": frozenset({"order_id", "user_id", "user_name", "items", "total_amount", "delivery_address", "restaurant_id",
+                         "restaurant_name", "estimated_delivery", "driver_id", "driver_name", "reason"}),
+    "dashboard": frozenset({"total_amount"}),
+    "analytics": frozenset({"total_amount", "restaurant_id"}),
+}
+
+
+def order_number(event: LogEvent) -> int | None:
+    """The order an event belongs to: the digits of its aggregate_id order_<digits>, or None."""
+    match = re.fullmatch(r"order_([0-9]{1,18})", event.aggregate_id)
+    return int(match.group(1)) if match else None
+
+
+def invalid_reason(event: LogEvent, reads: frozenset[str] = READS["orders"]) -> str | None:
+    """Why `event` does not validate for a projection reading CONTRACT.md's fields in `reads`, or None."""
     data = event.data
+    if "order_id" in reads:
+        if not isinstance(data, dict):
+            return "data is not an object"
+        if not _is_int(data.get("order_id")):
+            return "order_id"
+        if event.aggregate_id != f"order_{data['order_id']}":
+            return "order_id does not match the aggregate"
+    if order_number(event) is None:
+        return "aggregate_id"
     if not isinstance(data, dict):
-        return "data is not an object"
-    if not _is_int(data.get("order_id")):
-        return "order_id"
-    if event.aggregate_id != f"order_{data['order_id']}":
-        return "order_id does not match the aggregate"
+        data = {}
     required: dict[str, Any] = {
         "OrderCreated": {"user_id": _is_int, "user_name": lambda v: isinstance(v, str),
                          "items": lambda v: isinstance(v, list), "total_amount": lambda v: _money(v) is not None,
@@ -436,7 +457,7 @@ def invalid_reason(event: LogEvent) -> str | None:
         "OrderCancelled": {"reason": lambda v: isinstance(v, str)},
     }.get(event.event_type, {})
     for name, check in required.items():
-        if name not in data or not check(data[name]):
+        if name in reads and (name not in data or not check(data[name])):
             return name
     return None
 
@@ -484,8 +505,8 @@ def fold(log: Iterable[LogEvent], on_error: str = "strict") -> Expected:
             if event.aggregate_type != "order" or event.event_type not in KNOWN_TYPES[name]:
                 last_position[name] = event.position
                 continue
-            reason = invalid_reason(event)
-            order_id = event.data.get("order_id") if isinstance(event.data, dict) else None
+            reason = invalid_reason(event, READS[name])
+            order_id = order_number(event)
             if reason is None:
                 version = current_version(name, order_id)
                 if version is not None and event.version <= version:
@@ -522,7 +543,7 @@ def fold(log: Iterable[LogEvent], on_error: str = "strict") -> Expected:
 
 def _apply(name: str, event: LogEvent, memory: dict[str, dict[int, Any]], daily: dict[tuple[int, date], list[Any]]) -> None:
     data = event.data
-    order_id = data["order_id"]
+    order_id = order_number(event)
     kind = event.event_type
     if name == "orders":
         rows = memory["orders"]

@@ -11,6 +11,7 @@ from decimal import Decimal
 import anyio
 import asyncpg
 import pytest
+from fold import assert_read_models_match_fold
 
 from pgprojector import EventStore, NewEvent, db
 from pgprojector.daemon import Daemon
@@ -206,6 +207,47 @@ async def test_replayed_event_changes_nothing(dsn, pool, conn):
         await wait_caught_up(conn)
     assert [dict(r) for r in await conn.fetch("SELECT * FROM read_model_orders")] == before
     assert await conn.fetch("SELECT * FROM read_model_dashboard") == dashboard_before
+
+
+async def test_batch_reaching_below_the_applied_versions_applies_only_what_is_new(dsn, pool, conn):
+    """A rewound checkpoint: each order's events at or below the version applied change nothing, the
+    ones above it apply, in the same batch (the read models equal a fold of the log)."""
+    store = EventStore(pool)
+    await store.append("order_1", "order", [created(1), confirmed(1, restaurant_id=3)], expected_version=0)
+    await store.append("order_2", "order", [created(2, amount="5.00")], expected_version=0)
+    async with running_daemon(dsn, poll_interval=0.2):
+        await wait_caught_up(conn)
+    await conn.execute("UPDATE pgprojector_projections SET position = 0")
+    await store.append("order_1", "order", [simple("DriverAssigned", 1, driver_id=1, driver_name="Dee"),
+                                            simple("OrderDelivered", 1)], expected_version=2)
+    await store.append("order_2", "order", [confirmed(2, restaurant_id=4), simple("OrderCancelled", 2, reason="r")],
+                       expected_version=1)
+    await store.append("order_3", "order", [created(3)], expected_version=0)
+    async with running_daemon(dsn, poll_interval=0.2):
+        await wait_caught_up(conn)
+    await assert_read_models_match_fold(conn)
+    assert await conn.fetchval("SELECT sum(confirmed) FROM read_model_restaurant_daily") == 2  # not 3
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 100])
+async def test_reconfirmed_order_counts_for_each_restaurant_in_turn(dsn, pool, conn, batch_size):
+    """An order confirmed again by another restaurant: what follows counts for the latest one, whether
+    the confirmations share a batch with what follows or not."""
+    store = EventStore(pool)
+    await store.append("order_1", "order", [
+        created(1, amount="30.00"), confirmed(1, restaurant_id=3), simple("OrderCancelled", 1, reason="r"),
+        confirmed(1, restaurant_id=4), confirmed(1, restaurant_id=5), simple("OrderDelivered", 1),
+        confirmed(1, restaurant_id=3), simple("OrderCancelled", 1, reason="r")], expected_version=0)
+    await store.append("order_2", "order", [created(2, amount="2.00"), confirmed(2, restaurant_id=4),
+                                            simple("OrderDelivered", 2)], expected_version=0)
+    async with running_daemon(dsn, batch_size=batch_size, poll_interval=0.2):
+        await wait_caught_up(conn)
+    await assert_read_models_match_fold(conn)
+    counts = {r["restaurant_id"]: tuple(r)[1:] for r in await conn.fetch(
+        "SELECT restaurant_id, sum(confirmed), sum(delivered), sum(cancelled), sum(revenue) "
+        "FROM read_model_restaurant_daily GROUP BY restaurant_id")}
+    assert counts == {3: (2, 0, 2, Decimal("0.00")), 4: (2, 1, 0, Decimal("2.00")),
+                      5: (1, 1, 0, Decimal("30.00"))}
 
 
 @pytest.mark.parametrize("bad", [

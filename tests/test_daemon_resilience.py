@@ -315,14 +315,14 @@ async def test_malformed_event_halts_the_projections_that_read_it_and_the_daemon
     daemon = h.DaemonProcess(dsn, tmp_path / "daemon.log", on_error="halt", max_attempts="2", batch_size="100")
     try:
         expected = h.fold(await h.read_log(conn), on_error="halt")
-        # What CONTRACT.md implies: orders and dashboard both use DriverAssigned, so both halt at it;
-        # analytics does not know the event type, passes over it and runs on to the head.
-        assert expected.halted_at == {"orders": bad_position, "dashboard": bad_position, "analytics": None}
+        # Only orders reads driver_name, so only orders halts at it; the dashboard reads the event
+        # (a status change) but not that field, analytics passes over the type: both run on.
+        assert expected.halted_at == {"orders": bad_position, "dashboard": None, "analytics": None}
 
         deadline = time.monotonic() + 30
         while True:
             points = await h.checkpoints(conn)
-            if points["orders"]["state"] == "halted" and points["dashboard"]["state"] == "halted" \
+            if points["orders"]["state"] == "halted" and points["dashboard"]["position"] == top \
                     and points["analytics"]["position"] == top:
                 break
             assert daemon.alive, daemon.tail()
@@ -336,26 +336,27 @@ async def test_malformed_event_halts_the_projections_that_read_it_and_the_daemon
             version = await store.append("order_99999", "order",
                                          [NewEvent(step, h.event_data(step, 99999, rng))], version)
         new_top = await h.head(conn)
-        await h.wait_caught_up(conn, ["analytics"], timeout=15, daemons=[daemon])
+        await h.wait_caught_up(conn, ["dashboard", "analytics"], timeout=15, daemons=[daemon])
         await asyncio.sleep(1.5)  # a halted projection given time to (wrongly) move on
 
         points = await h.checkpoints(conn)
-        for name in ("orders", "dashboard"):
-            assert points[name]["state"] == "halted"
-            assert points[name]["position"] == bad_position - 1, (name, points[name], bad_position)
-        assert points["analytics"]["state"] == "running" and points["analytics"]["position"] == new_top
+        assert points["orders"]["state"] == "halted"
+        assert points["orders"]["position"] == bad_position - 1, (points["orders"], bad_position)
+        for name in ("dashboard", "analytics"):
+            assert points[name]["state"] == "running" and points[name]["position"] == new_top, points[name]
 
         status = await _status(dsn)
         assert status["head"] == new_top
-        for name in ("orders", "dashboard"):
+        for name in ("orders",):
             report = status[name]
             assert report["state"] == "halted", report
             assert report["position"] == bad_position - 1 and report["lag"] == new_top - bad_position + 1, report
             error = report["last_error"] or ""
             assert "driver_name" in error, report  # the problem
             assert str(bad_position) in error or bad.aggregate_id in error, report  # and the event
-        assert status["analytics"]["state"] == "running" and status["analytics"]["lag"] == 0, status["analytics"]
-        assert status["analytics"]["last_error"] is None
+        for name in ("dashboard", "analytics"):
+            assert status[name]["state"] == "running" and status[name]["lag"] == 0, status[name]
+            assert status[name]["last_error"] is None
 
         assert daemon.alive and len(daemon.log_events("daemon_started")) == 1, daemon.tail()
 
@@ -396,9 +397,10 @@ async def test_malformed_events_are_parked_and_the_projections_move_past_them(ds
         x_events = sorted(p for (a, _v), p in positions.items() if a == created.aggregate_id)
         x_types = {p: t for p, t in [(positions[(e.aggregate_id, e.version)], e.event_type)
                                      for e in planned if e.aggregate_id == created.aggregate_id]}
-        # Spelled out, what CONTRACT.md implies (and the fold computes):
+        # Spelled out, what the fold computes: every projection reads total_amount, only orders
+        # reads driver_name.
         assert expected.parked["orders"] == sorted([*x_events, assigned_pos])
-        assert expected.parked["dashboard"] == sorted([*x_events, assigned_pos])
+        assert expected.parked["dashboard"] == x_events
         assert expected.parked["analytics"] == [p for p in x_events if x_types[p] in h.KNOWN_TYPES["analytics"]]
         assert created_pos in expected.parked["analytics"] and assigned_pos not in expected.parked["analytics"]
 
@@ -414,8 +416,7 @@ async def test_malformed_events_are_parked_and_the_projections_move_past_them(ds
         by_key = {(letter["projection"], letter["position"]): letter for letter in letters}
         for name in h.BUILTINS:
             assert "total_amount" in by_key[(name, created_pos)]["error"], by_key[(name, created_pos)]
-        for name in ("orders", "dashboard"):
-            assert "driver_name" in by_key[(name, assigned_pos)]["error"], by_key[(name, assigned_pos)]
+        assert "driver_name" in by_key[("orders", assigned_pos)]["error"], by_key[("orders", assigned_pos)]
         assert all(letter["error"] for letter in letters)
 
         status = await _status(dsn)

@@ -4,106 +4,139 @@
 -- a projection has applied are replays and change nothing.
 
 -- name: checked_batch
--- The common head of every apply statement, for a projection that keeps its per-order version in
--- {state_table}.{version_column}. `verdict` raises (ending the statement) at the first event that
--- cannot be applied: invalid data, a second OrderCreated, or no OrderCreated applied.
+-- The common head of every apply statement, a template (order_events.apply_statement fills it in):
+-- `fields` the data fields the projection reads (a text[] literal), `summary` its own per-order
+-- aggregates (section <name>_summary), `state_table` and `version_column` where it keeps each
+-- order's applied version, `known` what else it needs of that row (section <name>_known).
+-- `verdict` raises (ending the statement) at the first event that cannot be applied: invalid
+-- data, an OrderCreated of an order that exists, or an event of an order with no OrderCreated.
+--
+-- Events of one aggregate are in version order in the log (the insert trigger draws positions in
+-- order), so within a batch each order's events are contiguous versions first..last. Those at or
+-- below the version the projection has applied are replays: they change nothing, and the apply
+-- statements use only an order's events above it.
 batch AS MATERIALIZED (
     SELECT e.position, e.aggregate_id, e.event_type, e.version, e.data, e.created_at,
-           pgprojector_order_event_problem(e.aggregate_id, e.event_type, e.data) AS problem
+           pgprojector_order_data_ok(e.aggregate_id, e.event_type, e.data, {fields}) AS ok
     FROM events e
     WHERE e.position > $1 AND e.position <= $2 AND e.aggregate_type = 'order' AND e.event_type = ANY($3::text[])
-), creations AS (
-    SELECT aggregate_id, min(position) AS first_created FROM batch
-    WHERE event_type = 'OrderCreated' GROUP BY aggregate_id
-), orders_seen AS MATERIALIZED (
-    SELECT DISTINCT (data ->> 'order_id')::bigint AS order_id FROM batch WHERE problem IS NULL
-), known_versions AS MATERIALIZED (
-    -- The batch's orders only, by primary key: no pass over the whole state table per batch.
-    SELECT s.order_id, s.{version_column} AS known_version
-    FROM orders_seen o JOIN {state_table} s ON s.order_id = o.order_id
-), judged AS MATERIALIZED (
-    SELECT b.*, CASE WHEN b.problem IS NULL THEN (b.data ->> 'order_id')::bigint END AS order_id,
-           k.known_version, coalesce(c.first_created < b.position, false) AS created_earlier
-    FROM batch b
-    LEFT JOIN creations c USING (aggregate_id)
-    LEFT JOIN known_versions k ON k.order_id = CASE WHEN b.problem IS NULL THEN (b.data ->> 'order_id')::bigint END
+), summary AS MATERIALIZED (
+    -- One row per order of the batch (a hash aggregate, no sort). Positions name events (joins on
+    -- them hash a bigint; the planner, blind to a CTE's statistics, takes every equality to keep
+    -- 1 row in 200, so joins name an event by two of them, or it expects millions of rows);
+    -- versions compare with the version applied.
+    SELECT aggregate_id, bool_and(ok) AS data_ok, pgprojector_is_order_aggregate(aggregate_id) AS aggregate_ok,
+           CASE WHEN pgprojector_is_order_aggregate(aggregate_id) THEN substr(aggregate_id, 7)::bigint END AS order_id,
+           min(position) AS first_position, max(position) AS last_position,
+           min(version) AS first_version, max(version) AS last_version,
+           count(*) FILTER (WHERE event_type = 'OrderCreated') AS creations,
+           min(version) FILTER (WHERE event_type = 'OrderCreated') AS created_version,
+           min(position) FILTER (WHERE event_type = 'OrderCreated') AS created_position,
+           max(version) FILTER (WHERE event_type = 'OrderCreated') AS last_created_version,
+           max(position) FILTER (WHERE event_type = 'OrderCreated') AS last_created_position
+           {summary}
+    FROM batch GROUP BY aggregate_id
+), per_order AS MATERIALIZED (
+    -- With the version each order has applied, looked up by primary key (= ANY of an array: an
+    -- index scan whatever the planner guesses of a CTE's size, never a pass over the whole table).
+    SELECT s.*, t.{version_column} AS known_version {known}
+    FROM summary s
+    LEFT JOIN {state_table} t
+      ON t.order_id = s.order_id AND t.order_id = ANY (ARRAY(SELECT order_id FROM summary WHERE order_id IS NOT NULL))
 ), verdict AS (
-    SELECT pgprojector_reject_order_event(position, aggregate_id, event_type, version, problem) AS rejected
-    FROM (SELECT position, aggregate_id, event_type, version, CASE
-              WHEN problem IS NOT NULL THEN problem
-              WHEN known_version IS NOT NULL AND version <= known_version THEN NULL
-              WHEN event_type = 'OrderCreated' AND (known_version IS NOT NULL OR created_earlier)
-                  THEN 'the order exists already'
-              WHEN event_type <> 'OrderCreated' AND known_version IS NULL AND NOT created_earlier
-                  THEN 'no OrderCreated applied for this order'
-          END AS problem FROM judged) j
-    WHERE problem IS NOT NULL
-    ORDER BY position
+    SELECT pgprojector_reject_order_event(e.position, e.aggregate_id, e.event_type, e.version, coalesce(
+               r.problem, pgprojector_order_event_problem(e.aggregate_id, e.event_type, e.data, {fields}),
+               'invalid data')) AS rejected
+    FROM (
+        SELECT position, NULL AS problem FROM batch WHERE NOT ok
+        UNION ALL
+        SELECT first_position, NULL FROM per_order WHERE NOT aggregate_ok
+        UNION ALL
+        SELECT CASE WHEN known_version IS NULL AND (creations = 0 OR created_version > first_version)
+                    THEN first_position ELSE last_created_position END,
+               CASE WHEN known_version IS NULL AND (creations = 0 OR created_version > first_version)
+                    THEN 'no OrderCreated applied for this order' ELSE 'the order exists already' END
+        FROM per_order
+        WHERE data_ok AND aggregate_ok AND CASE WHEN known_version IS NULL THEN creations <> 1 OR created_version > first_version
+                          ELSE last_created_version > known_version END
+    ) r
+    JOIN batch e USING (position)
+    ORDER BY e.position
     LIMIT 1
-), fresh AS (
-    SELECT * FROM judged WHERE (known_version IS NULL OR version > known_version) AND NOT EXISTS (SELECT FROM verdict)
+), changed AS MATERIALIZED (
+    -- The orders the batch moves past their applied version, once every event has passed the verdict.
+    SELECT * FROM per_order
+    WHERE last_version > coalesce(known_version, 0) AND NOT EXISTS (SELECT FROM verdict)
 )
 
+-- name: orders_summary
+, max(position) FILTER (WHERE event_type = 'OrderConfirmed') AS confirmed_position,
+  max(position) FILTER (WHERE event_type = 'DriverAssigned') AS assigned_position
+
 -- name: orders_apply
-WITH {checked_batch}, latest AS (
-    -- Each order's latest event in the batch...
-    SELECT DISTINCT ON (order_id) order_id, version AS current_version, event_type AS last_type,
-           created_at AS updated_at
-    FROM fresh ORDER BY order_id, version DESC
-), latest_of_type AS (
-    -- ... and its latest event of each type that carries columns (one sort, not one per column).
-    SELECT DISTINCT ON (order_id, event_type) order_id, event_type, data, created_at
-    FROM fresh WHERE event_type IN ('OrderCreated', 'OrderConfirmed', 'DriverAssigned')
-    ORDER BY order_id, event_type, version DESC
-), per_order AS (
-    SELECT l.*, c.data AS created, c.created_at, f.data AS confirmed, d.data AS driver
-    FROM latest l
-    LEFT JOIN latest_of_type c ON c.order_id = l.order_id AND c.event_type = 'OrderCreated'
-    LEFT JOIN latest_of_type f ON f.order_id = l.order_id AND f.event_type = 'OrderConfirmed'
-    LEFT JOIN latest_of_type d ON d.order_id = l.order_id AND d.event_type = 'DriverAssigned'
+WITH {checked_batch}, folded AS (
+    -- Each changed order's last event, its OrderCreated, and its last OrderConfirmed and DriverAssigned
+    -- above the applied version (a replayed one is in the row already).
+    SELECT p.order_id, p.known_version, p.last_version, l.event_type AS last_type, l.created_at AS updated_at,
+           c.data AS created, c.created_at, f.data AS confirmed, d.data AS driver
+    FROM changed p
+    JOIN batch l ON l.position = p.last_position AND l.version = p.last_version
+    LEFT JOIN batch c ON c.position = p.created_position AND c.event_type = 'OrderCreated'
+    LEFT JOIN batch f ON f.position = p.confirmed_position AND f.event_type = 'OrderConfirmed'
+                     AND f.version > coalesce(p.known_version, 0)
+    LEFT JOIN batch d ON d.position = p.assigned_position AND d.event_type = 'DriverAssigned'
+                     AND d.version > coalesce(p.known_version, 0)
 ), created AS (
     INSERT INTO read_model_orders (order_id, user_id, restaurant_id, status, items, total_amount, delivery_address,
                                    created_at, updated_at, current_version, user_name, restaurant_name, driver_name,
                                    estimated_delivery)
     SELECT order_id, (created ->> 'user_id')::bigint, (confirmed ->> 'restaurant_id')::bigint,
-           pgprojector_order_status(last_type), created -> 'items', pgprojector_money(created -> 'total_amount'),
-           created ->> 'delivery_address', created_at, updated_at, current_version, created ->> 'user_name',
+           pgprojector_order_status(last_type), created -> 'items', round((created ->> 'total_amount')::numeric, 2),
+           created ->> 'delivery_address', created_at, updated_at, last_version, created ->> 'user_name',
            confirmed ->> 'restaurant_name', driver ->> 'driver_name', (confirmed ->> 'estimated_delivery')::timestamptz
-    FROM per_order WHERE created IS NOT NULL
+    FROM folded WHERE known_version IS NULL
     RETURNING 1
 )
 UPDATE read_model_orders t SET
     status = pgprojector_order_status(p.last_type),
     updated_at = p.updated_at,
-    current_version = p.current_version,
+    current_version = p.last_version,
     restaurant_id = coalesce((p.confirmed ->> 'restaurant_id')::bigint, t.restaurant_id),
     restaurant_name = coalesce(p.confirmed ->> 'restaurant_name', t.restaurant_name),
     estimated_delivery = coalesce((p.confirmed ->> 'estimated_delivery')::timestamptz, t.estimated_delivery),
     driver_name = coalesce(p.driver ->> 'driver_name', t.driver_name)
-FROM per_order p
-WHERE p.order_id = t.order_id AND p.created IS NULL
+FROM folded p
+WHERE p.order_id = t.order_id AND p.known_version IS NOT NULL
+  AND t.order_id = ANY (ARRAY(SELECT order_id FROM folded WHERE known_version IS NOT NULL))
+
+-- name: dashboard_summary
+-- (valid data only: `ok` vouches for the amount of an event that passes; the verdict names the others)
+, max(round((data ->> 'total_amount')::numeric, 2)) FILTER (WHERE event_type = 'OrderCreated' AND ok) AS amount
+
+-- name: dashboard_known
+, t.status AS known_status, t.total_amount AS known_amount
 
 -- name: dashboard_apply
-WITH {checked_batch}, per_order AS (
-    SELECT DISTINCT ON (order_id) order_id, version, event_type AS last_type,
-           -- A batch holds at most one OrderCreated per order (the check refuses a second).
-           max(pgprojector_money(data -> 'total_amount')) FILTER (WHERE event_type = 'OrderCreated')
-               OVER (PARTITION BY order_id) AS amount
-    FROM fresh ORDER BY order_id, version DESC
-), moved AS (
-    SELECT p.order_id, s.status AS old_status, s.total_amount AS old_amount,
-           pgprojector_order_status(p.last_type) AS new_status, coalesce(p.amount, s.total_amount) AS amount, p.version
-    FROM per_order p LEFT JOIN projection_dashboard_orders s USING (order_id)
+WITH {checked_batch}, moved AS MATERIALIZED (
+    SELECT p.order_id, p.known_version, p.last_version, p.known_status, p.known_amount,
+           pgprojector_order_status(l.event_type) AS status, coalesce(p.known_amount, p.amount) AS amount
+    FROM changed p JOIN batch l ON l.position = p.last_position AND l.version = p.last_version
 ), remembered AS (
+    -- The checkpoint's row lock makes this transaction the projection's only writer: a plain
+    -- INSERT for the orders it has not seen, an UPDATE for the others.
     INSERT INTO projection_dashboard_orders (order_id, status, total_amount, version)
-    SELECT order_id, new_status, amount, version FROM moved
-    ON CONFLICT (order_id) DO UPDATE SET status = EXCLUDED.status, version = EXCLUDED.version
+    SELECT order_id, status, amount, last_version FROM moved WHERE known_version IS NULL
+    RETURNING 1
+), updated AS (
+    UPDATE projection_dashboard_orders s SET status = m.status, version = m.last_version
+    FROM moved m WHERE s.order_id = m.order_id AND m.known_version IS NOT NULL
+      AND s.order_id = ANY (ARRAY(SELECT order_id FROM moved WHERE known_version IS NOT NULL))
     RETURNING 1
 ), deltas AS (
     SELECT status, sum(n) AS n, sum(amount) AS amount FROM (
-        SELECT old_status AS status, -1 AS n, -old_amount AS amount FROM moved WHERE old_status IS NOT NULL
+        SELECT known_status AS status, -1 AS n, -known_amount AS amount FROM moved WHERE known_version IS NOT NULL
         UNION ALL
-        SELECT new_status, 1, amount FROM moved
+        SELECT status, 1, amount FROM moved
     ) d GROUP BY status
 )
 INSERT INTO read_model_dashboard AS d (status, order_count, total_amount)
@@ -114,20 +147,34 @@ ON CONFLICT (status) DO UPDATE SET
 -- name: dashboard_drop_empty
 DELETE FROM read_model_dashboard WHERE order_count = 0
 
+-- name: analytics_summary
+, max(round((data ->> 'total_amount')::numeric, 2)) FILTER (WHERE event_type = 'OrderCreated' AND ok) AS amount,
+  count(*) FILTER (WHERE event_type = 'OrderConfirmed') AS confirmations,
+  max(version) FILTER (WHERE event_type = 'OrderConfirmed') AS confirmed_version,
+  -- that confirmation's restaurant while it is the batch's only one (analytics_apply looks up the others)
+  max((data ->> 'restaurant_id')::bigint) FILTER (WHERE event_type = 'OrderConfirmed' AND ok) AS confirmed_restaurant
+
+-- name: analytics_known
+, t.total_amount AS known_amount, t.restaurant_id AS known_restaurant
+
 -- name: analytics_apply
-WITH {checked_batch}, known AS (
-    SELECT f.*, s.restaurant_id AS known_restaurant, s.total_amount AS known_amount
-    FROM fresh f LEFT JOIN projection_analytics_orders s USING (order_id)
-), enriched AS (
-    -- Each event with the restaurant that had confirmed the order by then, and the order's amount.
-    SELECT order_id, event_type, version, created_at,
-           coalesce((array_agg((data ->> 'restaurant_id')::bigint) FILTER (WHERE event_type = 'OrderConfirmed')
-                         OVER w)[count(*) FILTER (WHERE event_type = 'OrderConfirmed') OVER w],
-                    known_restaurant) AS restaurant_id,
-           coalesce(known_amount, (array_agg(pgprojector_money(data -> 'total_amount'))
-                                       FILTER (WHERE event_type = 'OrderCreated') OVER w)[1]) AS amount
-    FROM known
-    WINDOW w AS (PARTITION BY order_id ORDER BY version)
+-- An event counts for the restaurant of the order's latest OrderConfirmed at or below its version:
+-- the one in the batch (the usual case, read off the summary), an earlier one of several in the
+-- batch (looked up by (aggregate_id, version) in the log), or the one applied before the batch.
+WITH {checked_batch}, counting AS (
+    SELECT e.event_type, e.created_at, coalesce(p.known_amount, p.amount) AS amount, CASE
+               WHEN p.confirmations = 0 OR p.confirmed_version <= coalesce(p.known_version, 0) THEN p.known_restaurant
+               WHEN p.confirmations = 1 THEN
+                   CASE WHEN e.version >= p.confirmed_version THEN p.confirmed_restaurant ELSE p.known_restaurant END
+               ELSE coalesce((
+                   SELECT (c.data ->> 'restaurant_id')::bigint FROM events c
+                   WHERE c.aggregate_id = e.aggregate_id AND c.event_type = 'OrderConfirmed' AND c.version <= e.version
+                     AND c.version >= p.first_version AND c.version > coalesce(p.known_version, 0)
+                   ORDER BY c.version DESC LIMIT 1), p.known_restaurant)
+           END AS restaurant_id
+    FROM batch e JOIN changed p USING (aggregate_id)
+    WHERE e.event_type IN ('OrderConfirmed', 'OrderDelivered', 'OrderCancelled')
+      AND e.version > coalesce(p.known_version, 0)
 ), counted AS (
     INSERT INTO read_model_restaurant_daily AS r (restaurant_id, day, confirmed, delivered, cancelled, revenue)
     SELECT restaurant_id, (created_at AT TIME ZONE 'UTC')::date,
@@ -135,15 +182,29 @@ WITH {checked_batch}, known AS (
            count(*) FILTER (WHERE event_type = 'OrderDelivered'),
            count(*) FILTER (WHERE event_type = 'OrderCancelled'),
            coalesce(sum(amount) FILTER (WHERE event_type = 'OrderDelivered'), 0)
-    FROM enriched
-    WHERE restaurant_id IS NOT NULL AND event_type IN ('OrderConfirmed', 'OrderDelivered', 'OrderCancelled')
+    FROM counting
+    WHERE restaurant_id IS NOT NULL
     GROUP BY 1, 2
     ON CONFLICT (restaurant_id, day) DO UPDATE SET
         confirmed = r.confirmed + EXCLUDED.confirmed, delivered = r.delivered + EXCLUDED.delivered,
         cancelled = r.cancelled + EXCLUDED.cancelled, revenue = r.revenue + EXCLUDED.revenue
     RETURNING 1
+), restaurants AS MATERIALIZED (
+    -- Each changed order's restaurant as the batch leaves it.
+    SELECT order_id, known_version, last_version, amount, CASE
+               WHEN confirmations = 0 OR confirmed_version <= coalesce(known_version, 0) THEN known_restaurant
+               WHEN confirmations = 1 THEN confirmed_restaurant
+               ELSE (SELECT (c.data ->> 'restaurant_id')::bigint FROM events c
+                     WHERE c.aggregate_id = p.aggregate_id AND c.version = p.confirmed_version)
+           END AS restaurant_id
+    FROM changed p
+), remembered AS (
+    -- As in dashboard_apply: the checkpoint's row lock makes this the projection's only writer.
+    INSERT INTO projection_analytics_orders (order_id, total_amount, restaurant_id, version)
+    SELECT order_id, amount, restaurant_id, last_version FROM restaurants WHERE known_version IS NULL
+    RETURNING 1
 )
-INSERT INTO projection_analytics_orders AS o (order_id, total_amount, restaurant_id, version)
-SELECT DISTINCT ON (order_id) order_id, amount, restaurant_id, version
-FROM enriched ORDER BY order_id, version DESC
-ON CONFLICT (order_id) DO UPDATE SET restaurant_id = EXCLUDED.restaurant_id, version = EXCLUDED.version
+UPDATE projection_analytics_orders s SET restaurant_id = r.restaurant_id, version = r.last_version
+FROM restaurants r
+WHERE s.order_id = r.order_id AND r.known_version IS NOT NULL
+  AND s.order_id = ANY (ARRAY(SELECT order_id FROM restaurants WHERE known_version IS NOT NULL))

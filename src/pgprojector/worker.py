@@ -163,11 +163,9 @@ class ProjectionWorker:
         sql = queries()
         handle_range = self.projection.handle_range
         if handle_range is not None:
-            positions = [row["position"] for row in await conn.fetch(
-                sql["read_batch_positions"], after, horizon, self._types, limit)]
-            if not positions:
+            count, first, last = await conn.fetchrow(sql["read_batch_bounds"], after, horizon, self._types, limit)
+            if not count:
                 return 0, 0, 0
-            count, first, last = len(positions), positions[0], positions[-1]
             apply = handle_range(conn, after, last)
         else:
             assert self.projection.handle is not None

@@ -10,6 +10,7 @@ projection = order_projection(
     "analytics",
     event_types=frozenset({"OrderCreated", "OrderConfirmed", "OrderDelivered", "OrderCancelled"}),
     state_table="projection_analytics_orders",
+    reads=("total_amount", "restaurant_id"),
     version_column="version",
     tables=("read_model_restaurant_daily", "projection_analytics_orders"),
 )

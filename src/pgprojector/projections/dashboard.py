@@ -10,6 +10,7 @@ projection = order_projection(
     "dashboard",
     event_types=ORDER_EVENT_TYPES,
     state_table="projection_dashboard_orders",
+    reads=("total_amount",),
     version_column="version",
     tables=("read_model_dashboard", "projection_dashboard_orders"),
     then=("dashboard_drop_empty",),

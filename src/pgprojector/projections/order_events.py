@@ -1,9 +1,10 @@
 """The order aggregate's events (CONTRACT.md): what the three built-in projections share.
 
 Each projection applies a batch with one statement (sql/projections/queries.sql) whose common head
-validates every event of the batch (sql/projections/order_events.sql) and stops the statement at
+checks every event of the batch (sql/projections/order_events.sql) and stops the statement at
 the first one that cannot be applied, naming it; the worker then retries, isolates, halts or parks
-it like any handler error.
+it like any handler error. Each projection takes the order from aggregate_id (order_<digits>) and
+checks the data fields it reads (`reads`), and no others: a field it never reads cannot stop it.
 """
 
 from __future__ import annotations
@@ -18,25 +19,47 @@ from pgprojector.sqlfiles import queries, read_sql
 ORDER_EVENT_TYPES = frozenset({"OrderCreated", "OrderConfirmed", "DriverAssigned", "OrderPickedUp",
                                "OrderDelivered", "OrderCancelled"})
 
+# The data fields of CONTRACT.md's order events.
+ORDER_FIELDS = ("order_id", "user_id", "user_name", "items", "total_amount", "delivery_address", "restaurant_id",
+                "restaurant_name", "estimated_delivery", "driver_id", "driver_name", "reason")
+
 FUNCTIONS_SQL = read_sql("projections/order_events.sql")
 
+# For the apply statements only (SET LOCAL, then back): plans that hold whatever the planner guesses
+# of a CTE's size, for which it has no statistics. Hash joins between the batch's CTEs, never a
+# nested loop rescanning one of them per row; state tables read by index (`= ANY(ARRAY(...))`, a
+# scan that needs no nested loop) even by a generic plan cached while they were small, which would
+# otherwise go on scanning them whole as they grow.
+PLANNER_SETTINGS = "SET LOCAL enable_nestloop = off; SET LOCAL enable_seqscan = off"
+PLANNER_DEFAULTS = "SET LOCAL enable_nestloop = DEFAULT; SET LOCAL enable_seqscan = DEFAULT"
 
-def apply_statement(name: str, state_table: str, version_column: str) -> str:
-    """The named apply statement, headed by the batch check against the projection's own state table."""
+
+def apply_statement(name: str, state_table: str, version_column: str, reads: Sequence[str]) -> str:
+    """Projection `name`'s apply statement (`<name>_apply`), headed by the batch check against its
+    own state table, checking the data fields in `reads`."""
+    unknown = set(reads) - set(ORDER_FIELDS)
+    if unknown:
+        raise ValueError(f"not fields of an order event: {sorted(unknown)}")
     sql = queries("projections/queries.sql")
-    head = sql["checked_batch"].format(state_table=state_table, version_column=version_column)
-    return sql[name].format(checked_batch=head)
+    head = sql["checked_batch"].format(
+        state_table=state_table, version_column=version_column,
+        fields="ARRAY[{}]::text[]".format(", ".join(f"'{field}'" for field in reads)),
+        summary=sql.get(f"{name}_summary", ""), known=sql.get(f"{name}_known", ""))
+    return sql[f"{name}_apply"].format(checked_batch=head)
 
 
 def order_projection(name: str, *, event_types: frozenset[str], state_table: str, version_column: str,
-                     tables: tuple[str, ...], then: Sequence[str] = ()) -> Projection:
-    """A built-in projection: its apply statement (`<name>_apply`) over each batch, then the `then` queries."""
-    statement = apply_statement(f"{name}_apply", state_table, version_column)
+                     reads: Sequence[str], tables: tuple[str, ...], then: Sequence[str] = ()) -> Projection:
+    """A built-in projection: its apply statement over each batch, then the `then` queries."""
+    statement = apply_statement(name, state_table, version_column, reads)
     follow_up = [queries("projections/queries.sql")[query] for query in then]
     types = sorted(event_types)
 
     async def apply(conn: asyncpg.Connection, after: int, upto: int) -> None:
+        await conn.execute(PLANNER_SETTINGS)
         await conn.execute(statement, after, upto, types)
+        if follow_up:
+            await conn.execute(PLANNER_DEFAULTS)
         for query in follow_up:
             await conn.execute(query)
 
