@@ -240,7 +240,7 @@ async def catch_up_worker(dsn: str, conn: asyncpg.Connection, projection: Projec
             batch_started = now()
             batch = await worker.apply_next_batch()
             batch_ms.append((now() - batch_started) * 1000)
-            if not batch.caught_up and not batch.applied:  # the checkpoint is not 'running' (halted?)
+            if batch.inactive:  # the checkpoint is not 'running' (halted?)
                 raise RuntimeError(f"projection {projection.name} stopped applying events during the benchmark")
             if batch.caught_up:
                 break

@@ -33,17 +33,17 @@ WHERE position > $1 AND position <= $2 AND ($3::text[] IS NULL OR event_type = A
 ORDER BY position
 LIMIT $4
 
--- name: read_batch_bounds
--- The same batch as read_batch, for projections that read the range in SQL: how many events,
--- the first and the last position (one row, whatever the batch size).
-SELECT count(*) AS events, min(position) AS first, max(position) AS last
-FROM (
-    SELECT position
-    FROM events
-    WHERE position > $1 AND position <= $2 AND ($3::text[] IS NULL OR event_type = ANY($3::text[]))
-    ORDER BY position
-    LIMIT $4
-) batch
+-- name: next_position
+-- The next wanted event's position after $1, up to $2.
+SELECT position FROM events
+WHERE position > $1 AND position <= $2 AND ($3::text[] IS NULL OR event_type = ANY($3::text[]))
+ORDER BY position
+LIMIT 1
+
+-- name: count_range
+-- How many wanted events a range handler's batch, positions ($1, $2], held (when it does not say).
+SELECT count(*) FROM events
+WHERE position > $1 AND position <= $2 AND ($3::text[] IS NULL OR event_type = ANY($3::text[]))
 
 -- name: event_at
 SELECT id, aggregate_id, event_type, version, position FROM events WHERE position = $1

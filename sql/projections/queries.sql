@@ -1,7 +1,8 @@
 -- Set-based application of the built-in projections: each apply statement takes the events of
 -- one batch, the position range ($1, $2] of the projection's event types $3, checks them all
--- and folds them into its tables, order by order in version order. Events at or below the version
--- a projection has applied are replays and change nothing.
+-- and folds them into its tables, order by order in version order, and returns how many events
+-- the batch held. Events at or below the version a projection has applied are replays and change
+-- nothing.
 
 -- name: checked_batch
 -- The common head of every apply statement, a template (order_events.apply_statement fills it in):
@@ -96,18 +97,21 @@ WITH {checked_batch}, folded AS (
            confirmed ->> 'restaurant_name', driver ->> 'driver_name', (confirmed ->> 'estimated_delivery')::timestamptz
     FROM folded WHERE known_version IS NULL
     RETURNING 1
+), updated AS (
+    UPDATE read_model_orders t SET
+        status = pgprojector_order_status(p.last_type),
+        updated_at = p.updated_at,
+        current_version = p.last_version,
+        restaurant_id = coalesce((p.confirmed ->> 'restaurant_id')::bigint, t.restaurant_id),
+        restaurant_name = coalesce(p.confirmed ->> 'restaurant_name', t.restaurant_name),
+        estimated_delivery = coalesce((p.confirmed ->> 'estimated_delivery')::timestamptz, t.estimated_delivery),
+        driver_name = coalesce(p.driver ->> 'driver_name', t.driver_name)
+    FROM folded p
+    WHERE p.order_id = t.order_id AND p.known_version IS NOT NULL
+      AND t.order_id = ANY (ARRAY(SELECT order_id FROM folded WHERE known_version IS NOT NULL))
+    RETURNING 1
 )
-UPDATE read_model_orders t SET
-    status = pgprojector_order_status(p.last_type),
-    updated_at = p.updated_at,
-    current_version = p.last_version,
-    restaurant_id = coalesce((p.confirmed ->> 'restaurant_id')::bigint, t.restaurant_id),
-    restaurant_name = coalesce(p.confirmed ->> 'restaurant_name', t.restaurant_name),
-    estimated_delivery = coalesce((p.confirmed ->> 'estimated_delivery')::timestamptz, t.estimated_delivery),
-    driver_name = coalesce(p.driver ->> 'driver_name', t.driver_name)
-FROM folded p
-WHERE p.order_id = t.order_id AND p.known_version IS NOT NULL
-  AND t.order_id = ANY (ARRAY(SELECT order_id FROM folded WHERE known_version IS NOT NULL))
+SELECT count(*) FROM batch
 
 -- name: dashboard_summary
 -- (valid data only: `ok` vouches for the amount of an event that passes; the verdict names the others)
@@ -138,11 +142,14 @@ WITH {checked_batch}, moved AS MATERIALIZED (
         UNION ALL
         SELECT status, 1, amount FROM moved
     ) d GROUP BY status
+), counted AS (
+    INSERT INTO read_model_dashboard AS d (status, order_count, total_amount)
+    SELECT status, n, amount FROM deltas WHERE n <> 0 OR amount <> 0
+    ON CONFLICT (status) DO UPDATE SET
+        order_count = d.order_count + EXCLUDED.order_count, total_amount = d.total_amount + EXCLUDED.total_amount
+    RETURNING 1
 )
-INSERT INTO read_model_dashboard AS d (status, order_count, total_amount)
-SELECT status, n, amount FROM deltas WHERE n <> 0 OR amount <> 0
-ON CONFLICT (status) DO UPDATE SET
-    order_count = d.order_count + EXCLUDED.order_count, total_amount = d.total_amount + EXCLUDED.total_amount
+SELECT count(*) FROM batch
 
 -- name: dashboard_drop_empty
 DELETE FROM read_model_dashboard WHERE order_count = 0
@@ -203,8 +210,11 @@ WITH {checked_batch}, counting AS (
     INSERT INTO projection_analytics_orders (order_id, total_amount, restaurant_id, version)
     SELECT order_id, amount, restaurant_id, last_version FROM restaurants WHERE known_version IS NULL
     RETURNING 1
+), updated AS (
+    UPDATE projection_analytics_orders s SET restaurant_id = r.restaurant_id, version = r.last_version
+    FROM restaurants r
+    WHERE s.order_id = r.order_id AND r.known_version IS NOT NULL
+      AND s.order_id = ANY (ARRAY(SELECT order_id FROM restaurants WHERE known_version IS NOT NULL))
+    RETURNING 1
 )
-UPDATE projection_analytics_orders s SET restaurant_id = r.restaurant_id, version = r.last_version
-FROM restaurants r
-WHERE s.order_id = r.order_id AND r.known_version IS NOT NULL
-  AND s.order_id = ANY (ARRAY(SELECT order_id FROM restaurants WHERE known_version IS NOT NULL))
+SELECT count(*) FROM batch

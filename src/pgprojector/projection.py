@@ -14,7 +14,7 @@ from pgprojector.errors import ConfigError
 from pgprojector.events import RecordedEvent
 
 Handler = Callable[[asyncpg.Connection, Sequence[RecordedEvent]], Awaitable[None]]
-RangeHandler = Callable[[asyncpg.Connection, int, int], Awaitable[None]]
+RangeHandler = Callable[[asyncpg.Connection, int, int], Awaitable[int | None]]
 
 ENTRY_POINT_GROUP = "pgprojector.projections"
 BUILTINS = {
@@ -35,8 +35,10 @@ class Projection:
       (a replay after a crash re-applies nothing already committed). Raise to reject the batch.
     - or `handle_range(conn, after, upto)`, for handlers written in SQL: the batch is the events in
       positions (after, upto] of the wanted types, read by the handler's own set-based SQL straight
-      from `events` (no event travels to Python). Same transaction, same guarantees: the range never
-      reaches past the read horizon. Give exactly one of `handle` and `handle_range`.
+      from `events` (no event travels to Python); it returns how many it applied, or None (they are
+      then counted for the logs). Same transaction, same guarantees: the range never reaches past
+      the read horizon, and spans at most `batch_size` positions. Give exactly one of `handle` and
+      `handle_range`.
     - `event_types`: the event types it wants (None: all); the others are passed over.
     - `schema`: idempotent DDL (CREATE TABLE IF NOT EXISTS ...) for its own tables, run by `migrate`.
     - `tables`: the tables `rebuild` empties before replaying the log.

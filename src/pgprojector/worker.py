@@ -133,15 +133,16 @@ class ProjectionWorker:
                 return Batch(inactive=True, checkpoint=checkpoint["position"], state=checkpoint["state"])
             position = checkpoint["position"]
             horizon, drawn = await conn.fetchrow(sql["horizon"])
-            applied, first, last = await self._read_and_apply(conn, position, horizon, limit)
-            full = applied == limit
-            # A short read saw everything up to the horizon: no event at or below it can still appear.
-            new_position = last if full else max(position, horizon)
+            applied, first, last, reached = await self._read_and_apply(conn, position, horizon, limit)
+            # Every event up to `reached` has been applied or passed over; none at or below the
+            # horizon can still appear.
+            new_position = max(position, reached)
+            caught_up = new_position >= horizon
             if new_position != position:
                 await conn.execute(sql["save_checkpoint"], self.projection.name, new_position)
-            if not full and self.on_caught_up is not None:
+            if caught_up and self.on_caught_up is not None:
                 await self.on_caught_up(conn)
-        batch = Batch(applied=applied, caught_up=not full, checkpoint=new_position, horizon=horizon,
+        batch = Batch(applied=applied, caught_up=caught_up, checkpoint=new_position, horizon=horizon,
                       held_back=drawn > horizon)
         if self._isolate_until and new_position >= self._isolate_until:
             self._isolate_until = 0
@@ -158,30 +159,49 @@ class ProjectionWorker:
         return batch
 
     async def _read_and_apply(self, conn: asyncpg.Connection, after: int, horizon: int,
-                              limit: int) -> tuple[int, int, int]:
-        """Apply up to `limit` wanted events after `after`, none past `horizon`: (count, first, last position)."""
+                              limit: int) -> tuple[int, int, int, int]:
+        """Apply the next batch after `after`, none past `horizon`: (events applied, first and last
+        position of the batch, the position up to which everything has been applied or passed over).
+
+        A `handle` batch is the next `limit` wanted events, read here. A `handle_range` batch is the
+        next `limit` positions, which hold at most `limit` events: the handler reads them itself, and
+        no query runs here first to find where `limit` wanted events end (but a batch of one is the
+        next wanted event, wherever it is)."""
         sql = queries()
         handle_range = self.projection.handle_range
         if handle_range is not None:
-            count, first, last = await conn.fetchrow(sql["read_batch_bounds"], after, horizon, self._types, limit)
-            if not count:
-                return 0, 0, 0
-            apply = handle_range(conn, after, last)
+            if limit == 1:  # one event per transaction (isolating a failure): exactly the next one
+                upto = await conn.fetchval(sql["next_position"], after, horizon, self._types)
+                if upto is None:
+                    return 0, 0, 0, horizon
+                first = upto
+            else:
+                upto = min(horizon, after + limit)
+                if upto <= after:
+                    return 0, 0, 0, horizon
+                first = after + 1
+            count, last, reached = None, upto, upto
+            apply = handle_range(conn, after, upto)
         else:
             assert self.projection.handle is not None
             events = [RecordedEvent.from_record(row) for row in await conn.fetch(
                 sql["read_batch"], after, horizon, self._types, limit)]
             if not events:
-                return 0, 0, 0
+                return 0, 0, 0, horizon
             count, first, last = len(events), events[0].position, events[-1].position
+            # A short read saw everything up to the horizon.
+            reached = last if count == limit else horizon
             apply = self.projection.handle(conn, events)
         try:
-            await apply
+            applied = await apply
         except Exception as exc:
             if is_transient(exc):
                 raise
             raise EventFailed(exc, first, last) from exc
-        return count, first, last
+        if count is None:
+            count = applied if applied is not None else await conn.fetchval(
+                sql["count_range"], after, upto, self._types)
+        return count, first, last, reached
 
     def _isolating(self) -> bool:
         return self._isolate_until > 0

@@ -55,13 +55,14 @@ def order_projection(name: str, *, event_types: frozenset[str], state_table: str
     follow_up = [queries("projections/queries.sql")[query] for query in then]
     types = sorted(event_types)
 
-    async def apply(conn: asyncpg.Connection, after: int, upto: int) -> None:
+    async def apply(conn: asyncpg.Connection, after: int, upto: int) -> int:
         await conn.execute(PLANNER_SETTINGS)
-        await conn.execute(statement, after, upto, types)
+        events: int = await conn.fetchval(statement, after, upto, types)
         if follow_up:
             await conn.execute(PLANNER_DEFAULTS)
         for query in follow_up:
             await conn.execute(query)
+        return events
 
     return Projection(name=name, handle_range=apply, event_types=event_types,
                       schema=FUNCTIONS_SQL + read_sql(f"projections/{name}.sql"), tables=tables)
