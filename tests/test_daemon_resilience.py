@@ -83,7 +83,7 @@ async def test_kill_9_at_random_moments_during_catch_up_loses_and_duplicates_not
         top = await h.head(conn)
         assert top == len(planned) and 55_000 <= top <= 75_000, top
 
-        settings = {"batch_size": "500", "projections": h.WITH_WITNESS}
+        settings = {"batch_size": "200", "projections": h.WITH_WITNESS}
         kills = rng.randint(4, 6)
         previous = {name: 0 for name in h.ALL_WITH_WITNESS}
         killed_mid_catch_up = 0
@@ -93,7 +93,7 @@ async def test_kill_9_at_random_moments_during_catch_up_loses_and_duplicates_not
             daemons.append(daemon)
             # Each life gets to apply something, then dies at a random moment, mid-transaction or not.
             await daemon.wait_for_log("batch_applied", timeout=30)
-            await asyncio.sleep(rng.uniform(0.2, 1.5))
+            await asyncio.sleep(rng.uniform(0.1, 0.8))
             await daemon.kill9()
             assert daemon.returncode == -signal.SIGKILL
             points = await h.checkpoints(conn)
