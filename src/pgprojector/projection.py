@@ -37,7 +37,8 @@ class Projection:
       positions (after, upto] of the wanted types, read by the handler's own set-based SQL straight
       from `events` (no event travels to Python); it returns how many it applied, or None (they are
       then counted for the logs). Same transaction, same guarantees: the range never reaches past
-      the read horizon, and spans at most `batch_size` positions. Give exactly one of `handle` and
+      the read horizon and holds at most `batch_size` events (it spans `batch_size` positions, or
+      reaches the next wanted event when the batch size is one). Give exactly one of `handle` and
       `handle_range`.
     - `event_types`: the event types it wants (None: all); the others are passed over.
     - `schema`: idempotent DDL (CREATE TABLE IF NOT EXISTS ...) for its own tables, run by `migrate`.
