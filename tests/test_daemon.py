@@ -15,8 +15,11 @@ from fold import assert_read_models_match_fold
 
 from pgprojector import EventStore, NewEvent, db
 from pgprojector.daemon import Daemon
+from pgprojector.listener import Wakeup
+from pgprojector.migrations import setup_projection
 from pgprojector.projection import load_projections
 from pgprojector.settings import load_settings
+from pgprojector.worker import ProjectionWorker
 
 ALL = ["orders", "dashboard", "analytics"]
 
@@ -207,6 +210,26 @@ async def test_replayed_event_changes_nothing(dsn, pool, conn):
         await wait_caught_up(conn)
     assert [dict(r) for r in await conn.fetch("SELECT * FROM read_model_orders")] == before
     assert await conn.fetch("SELECT * FROM read_model_dashboard") == dashboard_before
+
+
+async def test_range_projection_defined_outside_the_package_takes_batches_of_positions(dsn, pool, conn):
+    """A range handler's batch is the next batch_size positions: here 2 of 21, where its one wanted
+    type is one event in three. Batches without a wanted event move the checkpoint too; the worker
+    counts what a handler that does not say applied."""
+    projection = load_projections(["custom_projection:range_projection"])[0]
+    await setup_projection(conn, projection)
+    store = EventStore(pool)
+    for i in range(1, 8):
+        await store.append(f"order_{i}", "order", [created(i, user_id=i % 3), confirmed(i)], expected_version=0)
+        await store.append(f"user_{i}", "user", [NewEvent("UserSeen", {"n": i})], expected_version=0)
+    worker = ProjectionWorker(pool, projection, batch_size=2, poll_interval=0.1, on_error="halt", max_attempts=1,
+                              stopping=anyio.Event(), wakeup=Wakeup())
+    batches = []
+    while not batches or not batches[-1].caught_up:
+        batches.append(await worker.apply_next_batch())
+    assert [b.checkpoint for b in batches] == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 21]
+    assert [b.applied for b in batches] == [1, 1, 0, 1, 1, 0, 1, 1, 0, 1, 0] and worker.events_applied == 7
+    assert dict(await conn.fetch("SELECT user_id, orders FROM created_per_user")) == {0: 2, 1: 3, 2: 2}
 
 
 async def test_batch_reaching_below_the_applied_versions_applies_only_what_is_new(dsn, pool, conn):
