@@ -25,18 +25,21 @@ batch AS MATERIALIZED (
     -- One row per order of the batch (a hash aggregate, no sort). Positions name events (joins on
     -- them hash a bigint; the planner, blind to a CTE's statistics, takes every equality to keep
     -- 1 row in 200, so joins name an event by two of them, or it expects millions of rows);
-    -- versions compare with the version applied.
-    SELECT aggregate_id, bool_and(ok) AS data_ok, pgprojector_is_order_aggregate(aggregate_id) AS aggregate_ok,
-           CASE WHEN pgprojector_is_order_aggregate(aggregate_id) THEN substr(aggregate_id, 7)::bigint END AS order_id,
-           min(position) AS first_position, max(position) AS last_position,
-           min(version) AS first_version, max(version) AS last_version,
-           count(*) FILTER (WHERE event_type = 'OrderCreated') AS creations,
-           min(version) FILTER (WHERE event_type = 'OrderCreated') AS created_version,
-           min(position) FILTER (WHERE event_type = 'OrderCreated') AS created_position,
-           max(version) FILTER (WHERE event_type = 'OrderCreated') AS last_created_version,
-           max(position) FILTER (WHERE event_type = 'OrderCreated') AS last_created_position
-           {summary}
-    FROM batch GROUP BY aggregate_id
+    -- versions compare with the version applied. (The inner query keeps the aggregate_id check to
+    -- one evaluation per order: a grouped subquery is not flattened into the outer one.)
+    SELECT *, CASE WHEN aggregate_ok THEN substr(aggregate_id, 7)::bigint END AS order_id
+    FROM (
+        SELECT aggregate_id, bool_and(ok) AS data_ok, pgprojector_is_order_aggregate(aggregate_id) AS aggregate_ok,
+               min(position) AS first_position, max(position) AS last_position,
+               min(version) AS first_version, max(version) AS last_version,
+               count(*) FILTER (WHERE event_type = 'OrderCreated') AS creations,
+               min(version) FILTER (WHERE event_type = 'OrderCreated') AS created_version,
+               min(position) FILTER (WHERE event_type = 'OrderCreated') AS created_position,
+               max(version) FILTER (WHERE event_type = 'OrderCreated') AS last_created_version,
+               max(position) FILTER (WHERE event_type = 'OrderCreated') AS last_created_position
+               {summary}
+        FROM batch GROUP BY aggregate_id
+    ) orders
 ), per_order AS MATERIALIZED (
     -- With the version each order has applied, looked up by primary key (= ANY of an array: an
     -- index scan whatever the planner guesses of a CTE's size, never a pass over the whole table).
