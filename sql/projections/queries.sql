@@ -67,8 +67,9 @@ batch AS MATERIALIZED (
     JOIN batch e USING (position)
     ORDER BY e.position
     LIMIT 1
-), changed AS MATERIALIZED (
+), changed AS (
     -- The orders the batch moves past their applied version, once every event has passed the verdict.
+    -- (Not MATERIALIZED: a statement that reads it once reads it in place of a copy.)
     SELECT * FROM per_order
     WHERE last_version > coalesce(known_version, 0) AND NOT EXISTS (SELECT FROM verdict)
 )
