@@ -10,21 +10,18 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import anyio
 import asyncpg
 import pytest
 from helpers import cli_env, run_cli
+from test_daemon import running_daemon
 
 from pgprojector import EventStore, NewEvent, Projection, RecordedEvent, db
-from pgprojector.daemon import Daemon
 from pgprojector.demo import OrderPlan, Stats, plan_order, produce
 from pgprojector.migrations import migrate
-from pgprojector.projection import load_projections
-from pgprojector.settings import load_settings
 
 TESTS = Path(__file__).resolve().parent
 
@@ -48,21 +45,6 @@ def run_ops(*args: str, dsn: str | None = None, timeout: float = 60, **settings:
 def start_ops(*args: str, dsn: str, **settings: str) -> subprocess.Popen[str]:
     return subprocess.Popen(ops_command(*args), env=ops_env(dsn, **settings), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-
-
-@asynccontextmanager
-async def running_daemon(dsn: str, projections: str = "orders,dashboard,analytics", **settings: object
-                         ) -> AsyncIterator[Daemon]:
-    """The real daemon, in this process."""
-    options = {"poll_interval": 0.1, **settings}
-    config = load_settings(dsn=dsn, projections=projections, **options)
-    daemon = Daemon(config, load_projections(config.projection_refs))
-    async with anyio.create_task_group() as group:
-        group.start_soon(daemon.run)
-        try:
-            yield daemon
-        finally:
-            daemon.request_stop()
 
 
 async def wait_until(condition: Callable[[], Awaitable[bool]], timeout: float = 30.0, interval: float = 0.05) -> None:
@@ -271,13 +253,13 @@ async def test_rebuild_while_the_daemon_runs_and_producers_write(pool, conn, dsn
     rng = random.Random(7)
     store = EventStore(pool)
     await append_orders(store, [plan_order(order_id, rng) for order_id in range(1, 401)])
-    async with running_daemon(dsn):  # every projection built once
+    async with running_daemon(dsn, poll_interval=0.1):  # every projection built once
         await wait_until(lambda: caught_up(conn, "orders", "dashboard", "analytics"))
     analytics_before = await checkpoints(conn)
     analytics_tables = {table: await table_rows(conn, table) for table in analytics.projection.tables}
 
     # Now a daemon without analytics: its checkpoint and tables must stay exactly as they are.
-    async with running_daemon(dsn, projections="orders,dashboard", batch_size=50):
+    async with running_daemon(dsn, ["orders", "dashboard"], batch_size=50, poll_interval=0.1):
         stats = Stats()
         more = [plan_order(order_id, rng) for order_id in range(401, 3401)]
         async with anyio.create_task_group() as producers:
@@ -409,7 +391,7 @@ async def test_dead_letters_retry_applies_parked_events_once_fixed(conn, dsn):
     for aggregate in ("a_1", "b_1", "a_2", "b_2"):
         await store.append(aggregate, "thing", [NewEvent("Happened", {"n": 1})], expected_version=0)
     await conn.execute("INSERT INTO flaky_allowed VALUES ('a_2')")
-    async with running_daemon(dsn, projections="test_ops:flaky", on_error="park", max_attempts=1):
+    async with running_daemon(dsn, ["test_ops:flaky"], on_error="park", max_attempts=1, poll_interval=0.1):
         await wait_until(lambda: caught_up(conn, "flaky"))
     parked = await conn.fetch("SELECT id, event_position FROM pgprojector_dead_letters ORDER BY id")
     assert len(parked) == 2
@@ -454,7 +436,7 @@ async def test_dead_letters_retry_applies_a_built_in_projections_parked_event(co
     created = NewEvent("OrderCreated", {"order_id": 5, "user_id": 7, "user_name": "u", "items": [],
                                         "total_amount": "3.50", "delivery_address": "a"})
     await EventStore(conn).append("order_5", "order", [created], expected_version=0)
-    async with running_daemon(dsn, projections="orders", on_error="park", max_attempts=1):
+    async with running_daemon(dsn, ["orders"], on_error="park", max_attempts=1, poll_interval=0.1):
         await wait_until(lambda: caught_up(conn, "orders"))
     assert "the order exists already" in await conn.fetchval("SELECT error FROM pgprojector_dead_letters")
 
