@@ -47,6 +47,10 @@ TARGET_CATCH_UP_RATIO = 0.5
 TARGET_P50_MS = 10.0
 TARGET_P99_MS = 50.0
 VISIBLE_CHANNEL = "bench_visible"
+# Each read model pgprojector builds, and the raw baselines' copy of it.
+ORDERS_TABLES = ("read_model_orders", "bench_base_orders")
+ALL_TABLES = {"orders": ORDERS_TABLES, "dashboard": ("read_model_dashboard", "bench_base_dashboard"),
+              "analytics": ("read_model_restaurant_daily", "bench_base_daily")}
 
 
 def now() -> float:
@@ -96,14 +100,20 @@ def cpu_ratio(baseline: dict[str, Any], run: dict[str, Any]) -> float | None:
     return round(baseline["server_cpu_s"] / (run["client_cpu_s"] + run["server_cpu_s"]), 3)
 
 
-def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run of median duration, with every run's seconds, and whether every run's rows were right."""
-    ordered = sorted(runs, key=lambda run: run["seconds"])
-    chosen = dict(ordered[(len(ordered) - 1) // 2])
+async def median_run(conn: asyncpg.Connection, repeats: int, run_once: Callable[[int], Awaitable[dict[str, Any]]],
+                     read_models: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    """`run_once(repeat)` `repeats` times, each run's read models compared with the baselines'
+    (`read_models`: name -> (pgprojector's table, the baseline's)): the run of median duration,
+    with every run's seconds, and per read model whether every run built it right."""
+    runs = []
+    for repeat in range(repeats):
+        run = await run_once(repeat)
+        run["equals_baseline"] = {name: await table_difference(conn, *tables) == 0
+                                  for name, tables in read_models.items()}
+        runs.append(run)
+    chosen = dict(sorted(runs, key=lambda run: run["seconds"])[(len(runs) - 1) // 2])
     chosen["runs_s"] = [run["seconds"] for run in runs]
-    equal = [run["equals_baseline"] for run in runs]
-    chosen["equals_baseline"] = (all(equal) if isinstance(equal[0], bool)
-                                 else {name: all(e[name] for e in equal) for name in equal[0]})
+    chosen["equals_baseline"] = {name: all(run["equals_baseline"][name] for run in runs) for name in read_models}
     return chosen
 
 
@@ -504,34 +514,22 @@ async def bench(admin_dsn: str, args: argparse.Namespace, embedded: bool) -> dic
         results["orders_only"] = []
         for i, batch_size in enumerate(args.batch_sizes):
             say(f"catch-up: pgprojector orders projection alone, batch {batch_size} ...")
-            runs = []
-            for repeat in range(args.repeats):
-                profile = args.profile if args.profile and i == 0 and repeat == 0 else None
-                runs.append(await catch_up_worker(dsn, conn, orders, batch_size, profile))
-                runs[-1]["equals_baseline"] = await table_difference(
-                    conn, "read_model_orders", "bench_base_orders") == 0
-            run = median_run(runs)
+            profile = args.profile if args.profile and i == 0 else None
+            run = await median_run(conn, args.repeats, lambda repeat: catch_up_worker(
+                dsn, conn, orders, batch_size, profile if repeat == 0 else None), {"orders": ORDERS_TABLES})
             run["ratio"] = round(run["events_per_s"] / base["orders"]["events_per_s"], 3)
             run["cpu_ratio"] = cpu_ratio(base["orders"], run)
             results["orders_only"].append(run)
             say(f"  {run['events_per_s']:,} events/s (median of {run['runs_s']} s, {run['batches']} batches, "
                 f"{run['batch_ms_mean']} ms each; CPU s: client {run['client_cpu_s']}, server "
                 f"{run['server_cpu_s']}); ratio to raw {run['ratio']:.1%} (CPU ratio {fmt_ratio(run['cpu_ratio'])}); "
-                f"same rows as baseline: "
-                f"{run['equals_baseline']}")
+                f"same rows as baseline: {run['equals_baseline']['orders']}")
 
         results["all_three"] = []
         for batch_size in args.batch_sizes:
             say(f"catch-up: pgprojector daemon, all three projections, batch {batch_size} ...")
-            runs = []
-            for _ in range(args.repeats):
-                runs.append(await catch_up_daemon(dsn, conn, all_three, batch_size, head))
-                runs[-1]["equals_baseline"] = {
-                    "orders": await table_difference(conn, "read_model_orders", "bench_base_orders") == 0,
-                    "dashboard": await table_difference(conn, "read_model_dashboard", "bench_base_dashboard") == 0,
-                    "analytics": await table_difference(conn, "read_model_restaurant_daily", "bench_base_daily") == 0,
-                }
-            run = median_run(runs)
+            run = await median_run(conn, args.repeats, lambda _: catch_up_daemon(
+                dsn, conn, all_three, batch_size, head), ALL_TABLES)
             run["ratio_to_orders_baseline"] = round(run["events_per_s"] / base["orders"]["events_per_s"], 3)
             run["ratio_to_all_three_baseline"] = round(run["events_per_s"] / base["all_three"]["events_per_s"], 3)
             run["cpu_ratio_to_all_three_baseline"] = cpu_ratio(base["all_three"], run)
@@ -569,7 +567,7 @@ def summary(results: dict[str, Any]) -> list[str]:
         verdict = "meets" if run["ratio"] >= TARGET_CATCH_UP_RATIO else "BELOW"
         lines.append(f"  {'pgprojector orders, batch ' + str(run['batch_size']):<46} {run['events_per_s']:>9,} ev/s  "
                      f"ratio {run['ratio']:6.1%} (CPU {fmt_ratio(run['cpu_ratio'])})  {verdict} target  "
-                     f"rows equal: {run['equals_baseline']}")
+                     f"rows equal: {all(run['equals_baseline'].values())}")
     for run in results["all_three"]:
         verdict = "meets" if run["ratio_to_all_three_baseline"] >= TARGET_CATCH_UP_RATIO else "BELOW"
         lines.append(f"  {'pgprojector daemon, all three, batch ' + str(run['batch_size']):<46} "
