@@ -32,3 +32,21 @@ def test_bindir_override_must_hold_a_server(monkeypatch, tmp_path):
     # An empty override is passed over for the next candidate, never used half-way.
     found = find_bindir()
     assert (found / "postgres").exists() and found != tmp_path
+
+
+async def test_stop_server_keeps_the_cluster_until_stop():
+    server = EmbeddedPostgres()
+    try:
+        server.start()
+        conn = await db.connect(server.dsn)
+        await conn.execute("CREATE TABLE kept (x int)")
+        await conn.close()
+        server.stop_server()
+        with pytest.raises(OSError):
+            await db.connect(server.dsn, timeout=2)
+        data = server.data_dir
+        assert (data / "PG_VERSION").exists() and not (data / "postmaster.pid").exists()
+        assert server.bindir is not None and (server.bindir / "postgres").exists()
+    finally:
+        server.stop()
+    assert not data.exists()

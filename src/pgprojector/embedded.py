@@ -117,6 +117,18 @@ class EmbeddedPostgres:
         self._dir: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.bindir: Path | None = None  # the binaries the server runs, once started
+
+    @property
+    def data_dir(self) -> Path:
+        if self._dir is None:
+            raise EmbeddedPostgresError("the server has not been started")
+        return self._dir / "data"
+
+    @property
+    def run_as(self) -> str | None:
+        """The user the server runs as (None: this process's)."""
+        return self._run_as()
 
     @property
     def dsn(self) -> str:
@@ -130,6 +142,7 @@ class EmbeddedPostgres:
         bindir = self._bindir or find_bindir()
         if user:
             bindir = _bindir_for_unprivileged(bindir)
+        self.bindir = bindir
         self._dir = Path(tempfile.mkdtemp(prefix="pgprojector-db-"))
         data, sockets, logfile = self._dir / "data", self._dir / "sock", self._dir / "server.log"
         sockets.mkdir()
@@ -175,6 +188,14 @@ class EmbeddedPostgres:
         raise EmbeddedPostgresError(f"postgres was not ready after {timeout:.0f}s")
 
     def stop(self) -> None:
+        """Stop the server and delete its cluster."""
+        self.stop_server()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def stop_server(self) -> None:
+        """Stop the server, keeping its cluster (`data_dir`) until `stop()`."""
         if self._process is not None and self._process.poll() is None:
             self._process.send_signal(signal.SIGINT)  # fast shutdown: ends sessions, no checkpoint wait
             try:
@@ -183,9 +204,6 @@ class EmbeddedPostgres:
                 self._process.kill()
                 self._process.wait()
         self._process = None
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
 
     def __enter__(self) -> EmbeddedPostgres:
         self.start()

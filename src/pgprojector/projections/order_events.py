@@ -33,6 +33,10 @@ FUNCTIONS_SQL = read_sql("projections/order_events.sql")
 PLANNER_SETTINGS = "SET LOCAL enable_nestloop = off; SET LOCAL enable_seqscan = off"
 PLANNER_DEFAULTS = "SET LOCAL enable_nestloop = DEFAULT; SET LOCAL enable_seqscan = DEFAULT"
 
+# Each built-in projection's apply statement, by projection name: for EXPLAIN and for
+# bench/instructions.py, which count what they cost.
+APPLY_STATEMENTS: dict[str, str] = {}
+
 
 def apply_statement(name: str, state_table: str, version_column: str, reads: Sequence[str]) -> str:
     """Projection `name`'s apply statement (`<name>_apply`), headed by the batch check against its
@@ -51,7 +55,7 @@ def apply_statement(name: str, state_table: str, version_column: str, reads: Seq
 def order_projection(name: str, *, event_types: frozenset[str], state_table: str, version_column: str,
                      reads: Sequence[str], tables: tuple[str, ...], then: Sequence[str] = ()) -> Projection:
     """A built-in projection: its apply statement over each batch, then the `then` queries."""
-    statement = apply_statement(name, state_table, version_column, reads)
+    statement = APPLY_STATEMENTS[name] = apply_statement(name, state_table, version_column, reads)
     follow_up = [queries("projections/queries.sql")[query] for query in then]
     types = sorted(event_types)
 

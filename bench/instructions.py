@@ -1,0 +1,139 @@
+"""Instructions per event, counted by callgrind: pgprojector's apply statements and the raw
+baselines, deterministic where the benchmark's seconds are not. See bench/README.md.
+
+    python bench/instructions.py [--events N] [--batches K] [--batch-size B] [--only orders,raw_orders]
+
+It fills a private cluster with the benchmark's workload, stops it, then runs each measured script
+in `postgres --single` under `valgrind --tool=callgrind`, and the same script without the measured
+statements; the difference, divided by the events the statements covered, is what it prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import asyncpg
+from benchsql import queries
+from run import ALL, fill
+
+from pgprojector.embedded import EmbeddedPostgres
+from pgprojector.projection import load_projections
+from pgprojector.projections.order_events import APPLY_STATEMENTS, ORDER_EVENT_TYPES, PLANNER_SETTINGS
+
+# What --only may name, besides the projections.
+BASELINES = ("raw_orders", "raw_all_three")
+COLLECTED = re.compile(r"Collected : (\d+)")
+
+
+def single_user(server: EmbeddedPostgres, script: str, *, callgrind: Path | None = None) -> int | None:
+    """Run `script` (statements ending ';' + a blank line) in a single-user backend; under callgrind,
+    the instructions it took."""
+    assert server.bindir is not None
+    command = [str(server.bindir / "postgres"), "--single", "-j", "-D", str(server.data_dir), "postgres"]
+    if callgrind is not None:
+        command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={callgrind}", *command]
+    done = subprocess.run(command, input=script, text=True, capture_output=True, user=server.run_as, check=False)
+    if done.returncode != 0 or "ERROR:" in done.stdout or "ERROR:" in done.stderr:
+        raise RuntimeError(f"single-user backend failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    if callgrind is None:
+        return None
+    found = COLLECTED.search(done.stderr)
+    if found is None:
+        raise RuntimeError(f"no instruction count in callgrind's output:\n{done.stderr[-2000:]}")
+    return int(found.group(1))
+
+
+def statement(sql: str) -> str:
+    return sql.strip().rstrip(";") + ";\n\n"
+
+
+def measure(server: EmbeddedPostgres, work: Path, name: str, setup: str, prologue: str,
+            steps: Sequence[tuple[str, str]]) -> int:
+    """Instructions of `steps` (each (measured statement, what surrounds it)), less the same
+    script without the measured statements; `setup` runs first, uncounted."""
+    with_work = prologue + "".join(around.format(statement(measured)) for measured, around in steps)
+    single_user(server, setup)
+    counted = single_user(server, with_work, callgrind=work / f"{name}.callgrind")
+    single_user(server, setup)
+    without = prologue + "".join(around.format("") for _measured, around in steps)
+    baseline = single_user(server, without, callgrind=work / f"{name}.empty.callgrind")
+    assert counted is not None and baseline is not None
+    return counted - baseline
+
+
+def projection_steps(name: str, batches: int, batch_size: int) -> tuple[str, str, list[tuple[str, str]]]:
+    """A built-in projection's apply statement over `batches` batches from the start of the log, each
+    in its transaction with the projections' planner settings, from empty tables (the worker's own
+    statements around it, checkpoint and horizon, are a few per batch and not counted)."""
+    (projection,) = load_projections([name])
+    types = "ARRAY[{}]".format(", ".join(f"'{t}'" for t in sorted(ORDER_EVENT_TYPES)))
+    setup = statement(f"TRUNCATE {', '.join(projection.tables)}")
+    prologue = statement(f"PREPARE apply(bigint, bigint, text[]) AS {APPLY_STATEMENTS[name]}")
+    around = "BEGIN;\n\n" + "".join(statement(s) for s in PLANNER_SETTINGS.split(";")) + "{}COMMIT;\n\n"
+    steps = [(f"EXECUTE apply({n * batch_size}, {(n + 1) * batch_size}, {types})", around) for n in range(batches)]
+    return setup, prologue, steps
+
+
+def baseline_steps(name: str) -> tuple[str, str, list[tuple[str, str]]]:
+    sql = queries()
+    built = {"raw_orders": ["baseline_orders_fast"],
+             "raw_all_three": ["baseline_orders_fast", "baseline_dashboard", "baseline_daily"]}[name]
+    setup = statement("TRUNCATE bench_base_orders, bench_base_dashboard, bench_base_daily")
+    # As bench/run.py times it: one transaction, memory enough that the aggregate never spills.
+    around = "BEGIN;\n\n" + statement("SET LOCAL work_mem = '256MB'") + "{}COMMIT;\n\n"
+    return setup, "", [("".join(statement(sql[query]) for query in built).rstrip(";\n"), around)]
+
+
+async def load(dsn: str, events: int) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await fill(conn, events)
+        return int(await conn.fetchval("SELECT count(*) FROM events"))
+    finally:
+        await conn.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=200_000, help="events in the log (default 200000)")
+    parser.add_argument("--batches", type=int, default=10, help="batches each projection applies (default 10)")
+    parser.add_argument("--batch-size", type=int, default=5000, help="positions per batch (default 5000)")
+    parser.add_argument("--profiles", type=Path, metavar="DIR",
+                        help="keep the callgrind profiles here (for callgrind_annotate), not in a temporary directory")
+    parser.add_argument("--only", default=",".join((*BASELINES, *ALL)),
+                        help="what to count, comma-separated (default: %(default)s)")
+    args = parser.parse_args(argv)
+    chosen = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = set(chosen) - {*BASELINES, *ALL}
+    if unknown:
+        parser.error(f"--only: unknown {sorted(unknown)}")
+    with EmbeddedPostgres() as server, tempfile.TemporaryDirectory(prefix="pgprojector-callgrind-") as tmp:
+        work = args.profiles or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        if server.run_as:
+            subprocess.run(["chown", server.run_as, str(work)], check=True)
+        logged = asyncio.run(load(server.dsn, args.events))
+        server.stop_server()
+        print(f"{logged} events; {args.batches} batches of {args.batch_size} positions for each projection")
+        for name in chosen:
+            if name in BASELINES:
+                setup, prologue, steps = baseline_steps(name)
+                events = logged
+            else:
+                setup, prologue, steps = projection_steps(name, args.batches, args.batch_size)
+                events = min(logged, args.batches * args.batch_size)
+            counted = measure(server, work, name, setup, prologue, steps)
+            print(f"{name:>14}: {counted / events:>9,.0f} instructions/event ({counted:,} over {events:,} events)",
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
