@@ -8,7 +8,8 @@
 -- The common head of every apply statement, a template (order_events.apply_statement fills it in):
 -- `fields` the data fields the projection reads (a text[] literal), `summary` its own per-order
 -- aggregates (section <name>_summary), `state_table` and `version_column` where it keeps each
--- order's applied version, `known` what else it needs of that row (section <name>_known).
+-- order's applied version, `known` what else it needs of that row (section <name>_known),
+-- `looked_up` which orders' row to look up (all, or those the batch does not create).
 -- `verdict` raises (ending the statement) at the first event that cannot be applied: invalid
 -- data, an OrderCreated of an order that exists, or an event of an order with no OrderCreated.
 --
@@ -43,10 +44,13 @@ batch AS MATERIALIZED (
 ), per_order AS MATERIALIZED (
     -- With the version each order has applied, looked up by primary key (= ANY of an array: an
     -- index scan whatever the planner guesses of a CTE's size, never a pass over the whole table).
+    -- `looked_up` may leave out the orders whose version 1 is in the batch: new ones, as a rule
+    -- (order_events.order_projection says when they are not).
     SELECT s.*, t.{version_column} AS known_version {known}
     FROM summary s
     LEFT JOIN {state_table} t
-      ON t.order_id = s.order_id AND t.order_id = ANY (ARRAY(SELECT order_id FROM summary WHERE order_id IS NOT NULL))
+      ON t.order_id = s.order_id
+     AND t.order_id = ANY (ARRAY(SELECT order_id FROM summary WHERE order_id IS NOT NULL {looked_up}))
 ), verdict AS (
     SELECT pgprojector_reject_order_event(e.position, e.aggregate_id, e.event_type, e.version, coalesce(
                r.problem, pgprojector_order_event_problem(e.aggregate_id, e.event_type, e.data, {fields}),

@@ -38,9 +38,11 @@ PLANNER_DEFAULTS = "SET LOCAL enable_nestloop = DEFAULT; SET LOCAL enable_seqsca
 APPLY_STATEMENTS: dict[str, str] = {}
 
 
-def apply_statement(name: str, state_table: str, version_column: str, reads: Sequence[str]) -> str:
+def apply_statement(name: str, state_table: str, version_column: str, reads: Sequence[str], *,
+                    assume_created_new: bool = False) -> str:
     """Projection `name`'s apply statement (`<name>_apply`), headed by the batch check against its
-    own state table, checking the data fields in `reads`."""
+    own state table, checking the data fields in `reads`. With `assume_created_new`, an order whose
+    version 1 is in the batch is taken to be new without looking up its row."""
     unknown = set(reads) - set(ORDER_FIELDS)
     if unknown:
         raise ValueError(f"not fields of an order event: {sorted(unknown)}")
@@ -48,20 +50,35 @@ def apply_statement(name: str, state_table: str, version_column: str, reads: Seq
     head = sql["checked_batch"].format(
         state_table=state_table, version_column=version_column,
         fields="ARRAY[{}]::text[]".format(", ".join(f"'{field}'" for field in reads)),
-        summary=sql.get(f"{name}_summary", ""), known=sql.get(f"{name}_known", ""))
+        summary=sql.get(f"{name}_summary", ""), known=sql.get(f"{name}_known", ""),
+        looked_up="AND first_version > 1" if assume_created_new else "")
     return sql[f"{name}_apply"].format(checked_batch=head)
 
 
 def order_projection(name: str, *, event_types: frozenset[str], state_table: str, version_column: str,
                      reads: Sequence[str], tables: tuple[str, ...], then: Sequence[str] = ()) -> Projection:
-    """A built-in projection: its apply statement over each batch, then the `then` queries."""
-    statement = APPLY_STATEMENTS[name] = apply_statement(name, state_table, version_column, reads)
+    """A built-in projection: its apply statement over each batch, then the `then` queries.
+
+    Most orders a batch touches are born in it (their version 1 is in the batch), and looking each up
+    in the state table costs as much as checking all its events. So a batch first runs optimistically,
+    taking those to be new: its INSERT of their row is then the check, as the primary key refuses an
+    order that has a row already (a checkpoint rewound over applied events, or one order number spelled
+    two ways, order_7 and order_07). Then the batch rolls back to a savepoint and runs again, looking
+    up every order, to skip the replays or name the event.
+    """
+    optimistic = APPLY_STATEMENTS[name] = apply_statement(name, state_table, version_column, reads,
+                                                          assume_created_new=True)
+    statement = apply_statement(name, state_table, version_column, reads)
     follow_up = [queries("projections/queries.sql")[query] for query in then]
     types = sorted(event_types)
 
     async def apply(conn: asyncpg.Connection, after: int, upto: int) -> int:
         await conn.execute(PLANNER_SETTINGS)
-        events: int = await conn.fetchval(statement, after, upto, types)
+        try:
+            async with conn.transaction():  # a savepoint in the batch's transaction
+                events: int = await conn.fetchval(optimistic, after, upto, types)
+        except asyncpg.UniqueViolationError:
+            events = await conn.fetchval(statement, after, upto, types)
         if follow_up:
             await conn.execute(PLANNER_DEFAULTS)
         for query in follow_up:
