@@ -391,8 +391,11 @@ STATUS_AFTER = {
 }
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+def _is_id(value: Any) -> bool:
+    """An id: a non-negative integer below 10**18, as a JSON number or a string of digits."""
+    if isinstance(value, str):
+        return re.fullmatch(r"[0-9]{1,18}", value) is not None
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**18
 
 
 def _money(value: Any) -> Decimal | None:
@@ -439,7 +442,7 @@ def invalid_reason(event: LogEvent, reads: frozenset[str] = READS["orders"]) -> 
     if "order_id" in reads:
         if not isinstance(data, dict):
             return "data is not an object"
-        if not _is_int(data.get("order_id")):
+        if not _is_id(data.get("order_id")):
             return "order_id"
         if event.aggregate_id != f"order_{data['order_id']}":
             return "order_id does not match the aggregate"
@@ -448,12 +451,12 @@ def invalid_reason(event: LogEvent, reads: frozenset[str] = READS["orders"]) -> 
     if not isinstance(data, dict):
         data = {}
     required: dict[str, Any] = {
-        "OrderCreated": {"user_id": _is_int, "user_name": lambda v: isinstance(v, str),
+        "OrderCreated": {"user_id": _is_id, "user_name": lambda v: isinstance(v, str),
                          "items": lambda v: isinstance(v, list), "total_amount": lambda v: _money(v) is not None,
                          "delivery_address": lambda v: isinstance(v, str)},
-        "OrderConfirmed": {"restaurant_id": _is_int, "restaurant_name": lambda v: isinstance(v, str),
+        "OrderConfirmed": {"restaurant_id": _is_id, "restaurant_name": lambda v: isinstance(v, str),
                            "estimated_delivery": lambda v: _aware(v) is not None},
-        "DriverAssigned": {"driver_id": _is_int, "driver_name": lambda v: isinstance(v, str)},
+        "DriverAssigned": {"driver_id": _is_id, "driver_name": lambda v: isinstance(v, str)},
         "OrderCancelled": {"reason": lambda v: isinstance(v, str)},
     }.get(event.event_type, {})
     for name, check in required.items():
@@ -549,7 +552,7 @@ def _apply(name: str, event: LogEvent, memory: dict[str, dict[int, Any]], daily:
         rows = memory["orders"]
         if kind == "OrderCreated":
             rows[order_id] = {
-                "order_id": order_id, "user_id": data["user_id"], "restaurant_id": None, "status": None,
+                "order_id": order_id, "user_id": int(data["user_id"]), "restaurant_id": None, "status": None,
                 "items": data["items"], "total_amount": _money(data["total_amount"]),
                 "delivery_address": data["delivery_address"], "created_at": event.created_at,
                 "user_name": data["user_name"], "restaurant_name": None, "driver_name": None,
@@ -557,7 +560,7 @@ def _apply(name: str, event: LogEvent, memory: dict[str, dict[int, Any]], daily:
             }
         row = rows[order_id]
         if kind == "OrderConfirmed":
-            row.update(restaurant_id=data["restaurant_id"], restaurant_name=data["restaurant_name"],
+            row.update(restaurant_id=int(data["restaurant_id"]), restaurant_name=data["restaurant_name"],
                        estimated_delivery=_aware(data["estimated_delivery"]))
         elif kind == "DriverAssigned":
             row["driver_name"] = data["driver_name"]
@@ -577,7 +580,7 @@ def _apply(name: str, event: LogEvent, memory: dict[str, dict[int, Any]], daily:
         order = orders[order_id]
         order[2] = event.version
         if kind == "OrderConfirmed":
-            order[1] = data["restaurant_id"]
+            order[1] = int(data["restaurant_id"])
             daily.setdefault((order[1], utc_day(event.created_at)), [0, 0, 0, Decimal(0)])[0] += 1
         elif order[1] is None:
             return  # cancelled (or delivered) before any confirmation: counts nowhere

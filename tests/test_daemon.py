@@ -59,7 +59,7 @@ def confirmed(order_id: int, restaurant_id: int = 3, eta: str = "2026-05-01T12:3
                                        "restaurant_name": f"R{restaurant_id}", "estimated_delivery": eta})
 
 
-def simple(event_type: str, order_id: int, **extra: object) -> NewEvent:
+def simple(event_type: str, order_id: int | str, **extra: object) -> NewEvent:
     return NewEvent(event_type, {"order_id": order_id, **extra})
 
 
@@ -195,6 +195,20 @@ async def test_rolled_back_append_leaves_a_hole_that_is_passed(dsn, pool, conn):
     async with running_daemon(dsn, ["orders"], poll_interval=0.2):
         await wait_caught_up(conn, names=["orders"])
     assert sorted(r["order_id"] for r in await conn.fetch("SELECT order_id FROM read_model_orders")) == [1, 2]
+
+
+async def test_ids_written_as_strings_of_digits_are_ids(dsn, pool, conn):
+    """A producer that writes 64-bit ids as JSON strings (as JavaScript ones do): the same read models."""
+    store = EventStore(pool)
+    as_strings = NewEvent("OrderCreated", {**created(1).data, "order_id": "1", "user_id": "7"})
+    await store.append("order_1", "order", [as_strings, NewEvent("OrderConfirmed", {
+        **confirmed(1).data, "order_id": "1", "restaurant_id": "3"}), simple("OrderDelivered", "1")], expected_version=0)
+    async with running_daemon(dsn, poll_interval=0.2):
+        await wait_caught_up(conn)
+    row = await conn.fetchrow("SELECT order_id, user_id, restaurant_id, status FROM read_model_orders")
+    assert dict(row) == {"order_id": 1, "user_id": 7, "restaurant_id": 3, "status": "delivered"}
+    assert await conn.fetchval("SELECT count(*) FROM pgprojector_projections WHERE state <> 'running'") == 0
+    await assert_read_models_match_fold(conn)
 
 
 async def test_replayed_event_changes_nothing(dsn, pool, conn):

@@ -24,7 +24,8 @@ GOOD: dict[str, dict[str, Any]] = {
 }
 
 MISSING = object()
-IDS = [0, 7, 123456789012345678, 1234567890123456789, -1, 1.0, 1.5, 1e2, "7", "", None, True, [7], {"id": 7}, MISSING]
+IDS = [0, 7, 123456789012345678, 1234567890123456789, -1, 1.0, 1.5, 1e2, "7", "007", "123456789012345678",
+       "1234567890123456789", "7.0", "-7", " 7", "7a", "", None, True, [7], {"id": 7}, MISSING]
 NAMES = ["", "x", "é" * 100, "é" * 101, "a" * 100, "a" * 101, 5, None, ["a"], MISSING]
 TEXTS = ["", "anything", 5, None, {"a": 1}, MISSING]
 AMOUNTS = ["12.50", "12.5", "12", "0", "0.00", "012.50", "12.500", "12.505", "99999999.99", "100000000", "-1", "abc",
@@ -106,6 +107,11 @@ async def test_each_projection_checks_identity_and_the_fields_it_reads(conn):
     assert await problem(orders, "OrderDelivered", aggregate="order_1", order_id=1.0) == \
         "order_id: not a non-negative integer"
     assert await problem(dashboard, "OrderDelivered", aggregate="order_8") is None
+    # an id may be a JSON number or a string of digits (64-bit ids from JavaScript), nothing else
+    assert await problem(orders, "OrderDelivered", order_id="7") is None
+    assert await problem(orders, "OrderCreated", user_id="12") is None
+    assert await problem(orders, "OrderCreated", user_id="12.0") == "user_id: not a non-negative integer"
+    assert await problem(orders, "DriverAssigned", driver_id=" 9") == "driver_id: not a non-negative integer"
     # but every projection takes the order from aggregate_id
     for fields in (orders, dashboard, ()):
         assert await problem(fields, "OrderDelivered", aggregate="order_x", order_id="x") in (

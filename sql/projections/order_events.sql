@@ -8,20 +8,28 @@
 -- projection runs only its own checks.
 
 -- Cheap where it can be: a batch validates thousands of events per statement.
+-- An id: a non-negative integer below 10^18, as a JSON number or as a string of digits (JavaScript
+-- producers write 64-bit ids as strings). A JSON number prints as digits only exactly when it is a
+-- non-negative integer (1.0 prints "1.0").
 CREATE OR REPLACE FUNCTION pgprojector_is_id(value JSONB) RETURNS BOOLEAN
 LANGUAGE sql IMMUTABLE AS $$
-    -- A JSON number prints as digits only exactly when it is a non-negative integer (1.0 prints "1.0").
-    SELECT coalesce(value::text ~ '^[0-9]{1,18}$', false)
+    SELECT coalesce(CASE jsonb_typeof(value) WHEN 'number' THEN value::text WHEN 'string' THEN value #>> '{}' END
+                    ~ '^[0-9]{1,18}$', false)
 $$;
 
--- pgprojector_is_id without printing the value: jsonb orders every number below every boolean,
--- array and object and above every string and null, so the two comparisons keep numbers in
--- [0, 10^18) only; scale 0 then leaves those that print as digits (1.0 has scale 1).
-CREATE OR REPLACE FUNCTION pgprojector_is_id_fast(value JSONB) RETURNS BOOLEAN
+-- pgprojector_is_id of the value `data ->> key` reads (which prints a number and unquotes a
+-- string), without a regular expression: digits map to '9', and the result is one of 18 shapes.
+-- An array, object or boolean prints as no such shape; JSON null reads as NULL.
+CREATE OR REPLACE FUNCTION pgprojector_is_id_text(value TEXT) RETURNS BOOLEAN
 LANGUAGE sql IMMUTABLE AS $$
-    SELECT CASE WHEN value >= '0'::jsonb AND value < '1000000000000000000'::jsonb
-                THEN scale(value::numeric) = 0 ELSE false END
+    SELECT translate(value, '0123456789', '9999999999') IN (
+        '9', '99', '999', '9999', '99999', '999999', '9999999', '99999999', '999999999', '9999999999',
+        '99999999999', '999999999999', '9999999999999', '99999999999999', '999999999999999',
+        '9999999999999999', '99999999999999999', '999999999999999999')
 $$;
+
+-- Replaced by pgprojector_is_id_text: leave no stale function behind.
+DROP FUNCTION IF EXISTS pgprojector_is_id_fast(JSONB);
 
 CREATE OR REPLACE FUNCTION pgprojector_is_text(value JSONB, max_length INTEGER) RETURNS BOOLEAN
 LANGUAGE sql IMMUTABLE AS $$
@@ -115,14 +123,14 @@ $$;
 CREATE OR REPLACE FUNCTION pgprojector_order_data_ok(aggregate_id TEXT, event_type TEXT, data JSONB, fields TEXT[])
 RETURNS BOOLEAN LANGUAGE sql IMMUTABLE AS $$
     SELECT coalesce(
-        -- Where aggregate_id is order_<digits>, this equality makes order_id print as those digits:
-        -- a JSON number that is a non-negative integer (a string would print its quotes).
-        (NOT 'order_id' = ANY(fields) OR (data -> 'order_id')::text = substr(aggregate_id, 7))
+        -- Where aggregate_id is order_<digits>, this equality makes order_id read as those digits:
+        -- an id (a number that is a non-negative integer, or a string of digits).
+        (NOT 'order_id' = ANY(fields) OR 'order_' || (data ->> 'order_id') = aggregate_id)
         AND CASE event_type
             WHEN 'OrderCreated' THEN
-                (NOT 'user_id' = ANY(fields) OR pgprojector_is_id_fast(data -> 'user_id'))
+                (NOT 'user_id' = ANY(fields) OR pgprojector_is_id_text(data ->> 'user_id'))
                 AND (NOT 'user_name' = ANY(fields) OR jsonb_typeof(data -> 'user_name') = 'string'
-                                                      AND length(data ->> 'user_name') <= 100)
+                    AND (octet_length(data ->> 'user_name') <= 100 OR length(data ->> 'user_name') <= 100))
                 AND (NOT 'items' = ANY(fields) OR jsonb_typeof(data -> 'items') = 'array')
                 AND (NOT 'delivery_address' = ANY(fields) OR jsonb_typeof(data -> 'delivery_address') = 'string')
                 -- ->> prints a JSON number and unquotes a string: one shape for both, and none matches an
@@ -134,9 +142,9 @@ RETURNS BOOLEAN LANGUAGE sql IMMUTABLE AS $$
                         '999999.9', '999999.99', '9999999', '9999999.9', '9999999.99', '99999999', '99999999.9', '99999999.99') THEN true
                     ELSE pgprojector_money(data -> 'total_amount') IS NOT NULL END)
             WHEN 'OrderConfirmed' THEN
-                (NOT 'restaurant_id' = ANY(fields) OR pgprojector_is_id_fast(data -> 'restaurant_id'))
+                (NOT 'restaurant_id' = ANY(fields) OR pgprojector_is_id_text(data ->> 'restaurant_id'))
                 AND (NOT 'restaurant_name' = ANY(fields) OR jsonb_typeof(data -> 'restaurant_name') = 'string'
-                                                            AND length(data ->> 'restaurant_name') <= 100)
+                    AND (octet_length(data ->> 'restaurant_name') <= 100 OR length(data ->> 'restaurant_name') <= 100))
                 AND (NOT 'estimated_delivery' = ANY(fields) OR CASE
                     -- (no JSON number prints with '-' and ':', so ->> unquoting a string is enough)
                     WHEN translate(data ->> 'estimated_delivery', '0123456789', '9999999999') IN (
@@ -144,9 +152,9 @@ RETURNS BOOLEAN LANGUAGE sql IMMUTABLE AS $$
                         THEN true
                     ELSE pgprojector_is_zoned_time(data -> 'estimated_delivery') END)
             WHEN 'DriverAssigned' THEN
-                (NOT 'driver_id' = ANY(fields) OR pgprojector_is_id_fast(data -> 'driver_id'))
+                (NOT 'driver_id' = ANY(fields) OR pgprojector_is_id_text(data ->> 'driver_id'))
                 AND (NOT 'driver_name' = ANY(fields) OR jsonb_typeof(data -> 'driver_name') = 'string'
-                                                        AND length(data ->> 'driver_name') <= 100)
+                    AND (octet_length(data ->> 'driver_name') <= 100 OR length(data ->> 'driver_name') <= 100))
             WHEN 'OrderCancelled' THEN NOT 'reason' = ANY(fields) OR jsonb_typeof(data -> 'reason') = 'string'
             ELSE true
         END, false)
