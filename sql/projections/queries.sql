@@ -56,7 +56,8 @@ batch AS MATERIALIZED (
                r.problem, pgprojector_order_event_problem(e.aggregate_id, e.event_type, e.data, {fields}),
                'invalid data')) AS rejected
     FROM (
-        SELECT position, NULL AS problem FROM batch WHERE NOT ok
+        -- (a pass over the batch only when some order has an event that fails: a one-time filter)
+        SELECT position, NULL AS problem FROM batch WHERE NOT ok AND EXISTS (SELECT FROM summary WHERE NOT data_ok)
         UNION ALL
         SELECT first_position, NULL FROM per_order WHERE NOT aggregate_ok
         UNION ALL
