@@ -266,6 +266,26 @@ async def test_batch_reaching_below_the_applied_versions_applies_only_what_is_ne
     assert await conn.fetchval("SELECT sum(confirmed) FROM read_model_restaurant_daily") == 2  # not 3
 
 
+async def test_rewound_batch_of_a_known_order_whose_version_1_was_parked_replays_it(dsn, pool, conn):
+    """A batch takes an order whose version 1 it holds to be new, without a lookup. Here that version
+    was parked (it is not an OrderCreated) and the OrderCreated after it applied: when the checkpoint is
+    rewound over both, the batch must replay them, not refuse version 1 again."""
+    store = EventStore(pool)
+    await store.append("order_1", "order", [confirmed(1)], expected_version=0)
+    async with running_daemon(dsn, ["orders"], on_error="park", max_attempts=1, poll_interval=0.1):
+        await wait_caught_up(conn, names=["orders"])
+        await store.append("order_1", "order", [created(1)], expected_version=1)
+        await wait_caught_up(conn, names=["orders"])
+    assert await conn.fetchval("SELECT count(*) FROM pgprojector_dead_letters") == 1
+    before = [dict(r) for r in await conn.fetch("SELECT * FROM read_model_orders")]
+    assert [(r["order_id"], r["current_version"]) for r in before] == [(1, 2)]
+    await conn.execute("UPDATE pgprojector_projections SET position = 0 WHERE name = 'orders'")
+    async with running_daemon(dsn, ["orders"], on_error="halt", max_attempts=1, poll_interval=0.1):
+        await wait_caught_up(conn, names=["orders"], timeout=10)  # a halt at version 1 never gets there
+    assert await conn.fetchval("SELECT state FROM pgprojector_projections WHERE name = 'orders'") == "running"
+    assert [dict(r) for r in await conn.fetch("SELECT * FROM read_model_orders")] == before
+
+
 @pytest.mark.parametrize("batch_size", [1, 3, 100])
 async def test_reconfirmed_order_counts_for_each_restaurant_in_turn(dsn, pool, conn, batch_size):
     """An order confirmed again by another restaurant: what follows counts for the latest one, whether

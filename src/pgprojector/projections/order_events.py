@@ -59,12 +59,13 @@ def order_projection(name: str, *, event_types: frozenset[str], state_table: str
                      reads: Sequence[str], tables: tuple[str, ...], then: Sequence[str] = ()) -> Projection:
     """A built-in projection: its apply statement over each batch, then the `then` queries.
 
-    Most orders a batch touches are born in it (their version 1 is in the batch), and looking each up
-    in the state table costs as much as checking all its events. So a batch first runs optimistically,
-    taking those to be new: its INSERT of their row is then the check, as the primary key refuses an
-    order that has a row already (a checkpoint rewound over applied events, or one order number spelled
-    two ways, order_7 and order_07). Then the batch rolls back to a savepoint and runs again, looking
-    up every order, to skip the replays or name the event.
+    Most orders a batch touches are born in it (their version 1 is in the batch), and looking up a
+    row for each costs more than a tenth of the statement (bench/README.md). So a batch first runs
+    optimistically, taking those to be new: its INSERT of their row is then the check, as the primary
+    key refuses an order that has a row already (a checkpoint rewound over applied events, or one order
+    number spelled two ways, order_7 and order_07). On that refusal, or on any error about the data
+    (which an order taken to be new may have caused), the batch rolls back to a savepoint and runs
+    again looking up every order: that run skips the replays, or names the event at fault.
     """
     optimistic = APPLY_STATEMENTS[name] = apply_statement(name, state_table, version_column, reads,
                                                           assume_created_new=True)
@@ -77,7 +78,7 @@ def order_projection(name: str, *, event_types: frozenset[str], state_table: str
         try:
             async with conn.transaction():  # a savepoint in the batch's transaction
                 events: int = await conn.fetchval(optimistic, after, upto, types)
-        except asyncpg.UniqueViolationError:
+        except (asyncpg.UniqueViolationError, asyncpg.DataError):
             events = await conn.fetchval(statement, after, upto, types)
         if follow_up:
             await conn.execute(PLANNER_DEFAULTS)
