@@ -266,6 +266,21 @@ async def test_batch_reaching_below_the_applied_versions_applies_only_what_is_ne
     assert await conn.fetchval("SELECT sum(confirmed) FROM read_model_restaurant_daily") == 2  # not 3
 
 
+@pytest.mark.parametrize("batch_size", [1, 100])
+async def test_second_order_created_is_refused_whether_it_shares_the_batch_or_not(dsn, pool, conn, batch_size):
+    """An order created twice: each projection parks the second OrderCreated, named as such, whether the
+    batch creating the order holds it too (100) or it comes in a batch of its own (1)."""
+    store = EventStore(pool)
+    await store.append("order_1", "order", [created(1), created(1, amount="99.00"), confirmed(1)], expected_version=0)
+    async with running_daemon(dsn, on_error="park", max_attempts=1, poll_interval=0.1, batch_size=batch_size):
+        await wait_caught_up(conn)
+    parked = await conn.fetch("SELECT projection, event_position, error FROM pgprojector_dead_letters ORDER BY 1")
+    assert [(r["projection"], r["event_position"]) for r in parked] == [("analytics", 2), ("dashboard", 2), ("orders", 2)]
+    assert all("the order exists already" in r["error"] for r in parked)
+    assert await conn.fetchval("SELECT total_amount FROM read_model_dashboard WHERE status = 'confirmed'") == \
+        Decimal("20.00")
+
+
 async def test_rewound_batch_of_a_known_order_whose_version_1_was_parked_replays_it(dsn, pool, conn):
     """A batch takes an order whose version 1 it holds to be new, without a lookup. Here that version
     was parked (it is not an OrderCreated) and the OrderCreated after it applied: when the checkpoint is

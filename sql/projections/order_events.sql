@@ -183,3 +183,13 @@ BEGIN
         USING ERRCODE = 'data_exception';
 END
 $$;
+
+-- Ends an optimistic apply statement (queries.sql, optimistic_check_verdict) that is not sure of its
+-- batch; the worker's apply runs the full check instead.
+CREATE OR REPLACE FUNCTION pgprojector_doubt_batch(event_position BIGINT) RETURNS BOOLEAN
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'the batch needs the full check, from position %', event_position
+        USING ERRCODE = 'data_exception';
+END
+$$;

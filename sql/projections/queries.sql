@@ -8,10 +8,10 @@
 -- The common head of every apply statement, a template (order_events.apply_statement fills it in):
 -- `fields` the data fields the projection reads (a text[] literal), `summary` its own per-order
 -- aggregates (section <name>_summary), `state_table` and `version_column` where it keeps each
--- order's applied version, `known` what else it needs of that row (section <name>_known),
--- `looked_up` which orders' row to look up (all, or those the batch does not create).
--- `verdict` raises (ending the statement) at the first event that cannot be applied: invalid
--- data, an OrderCreated of an order that exists, or an event of an order with no OrderCreated.
+-- order's applied version, `known` what else it needs of that row (section <name>_known); and the
+-- check, full or optimistic (sections full_check_* and optimistic_check_*): `also_ok` what else
+-- an event must pass, `creations` the per-order aggregates of OrderCreated events, `looked_up`
+-- which orders' row to look up, `verdict` what ends the statement instead of applying the batch.
 --
 -- Events of one aggregate are in version order in the log (the insert trigger draws positions in
 -- order), so within a batch each order's events are contiguous versions first..last. Those at or
@@ -19,7 +19,7 @@
 -- statements use only an order's events above it.
 batch AS MATERIALIZED (
     SELECT e.position, e.aggregate_id, e.event_type, e.version, e.data, e.created_at,
-           pgprojector_order_data_ok(e.aggregate_id, e.event_type, e.data, {fields}) AS ok
+           pgprojector_order_data_ok(e.aggregate_id, e.event_type, e.data, {fields}) {also_ok} AS ok
     FROM events e
     WHERE e.position > $1 AND e.position <= $2 AND e.aggregate_type = 'order' AND e.event_type = ANY($3::text[])
 ), summary AS MATERIALIZED (
@@ -32,26 +32,37 @@ batch AS MATERIALIZED (
     FROM (
         SELECT aggregate_id, bool_and(ok) AS data_ok, pgprojector_is_order_aggregate(aggregate_id) AS aggregate_ok,
                min(position) AS first_position, max(position) AS last_position,
-               min(version) AS first_version, max(version) AS last_version,
-               count(*) FILTER (WHERE event_type = 'OrderCreated') AS creations,
-               min(version) FILTER (WHERE event_type = 'OrderCreated') AS created_version,
-               min(position) FILTER (WHERE event_type = 'OrderCreated') AS created_position,
-               max(version) FILTER (WHERE event_type = 'OrderCreated') AS last_created_version,
-               max(position) FILTER (WHERE event_type = 'OrderCreated') AS last_created_position
+               min(version) AS first_version, max(version) AS last_version
+               {creations}
                {summary}
         FROM batch GROUP BY aggregate_id
     ) orders
 ), per_order AS MATERIALIZED (
     -- With the version each order has applied, looked up by primary key (= ANY of an array: an
     -- index scan whatever the planner guesses of a CTE's size, never a pass over the whole table).
-    -- `looked_up` may leave out the orders whose version 1 is in the batch: new ones, as a rule
-    -- (order_events.order_projection says when they are not).
     SELECT s.*, t.{version_column} AS known_version {known}
     FROM summary s
     LEFT JOIN {state_table} t
       ON t.order_id = s.order_id
      AND t.order_id = ANY (ARRAY(SELECT order_id FROM summary WHERE order_id IS NOT NULL {looked_up}))
-), verdict AS (
+), {verdict}, changed AS (
+    -- The orders the batch moves past their applied version, once every event has passed the verdict.
+    -- (Not MATERIALIZED: a statement that reads it once reads it in place of a copy.)
+    SELECT * FROM per_order
+    WHERE last_version > coalesce(known_version, 0) AND NOT EXISTS (SELECT FROM verdict)
+)
+
+-- name: full_check_creations
+-- The full check: every order's row looked up, and the verdict raises at the first event that
+-- cannot be applied, naming it: invalid data, an OrderCreated of an order that exists, or an event
+-- of an order with no OrderCreated.
+, count(*) FILTER (WHERE event_type = 'OrderCreated') AS creations,
+  min(version) FILTER (WHERE event_type = 'OrderCreated') AS created_version,
+  max(version) FILTER (WHERE event_type = 'OrderCreated') AS last_created_version,
+  max(position) FILTER (WHERE event_type = 'OrderCreated') AS last_created_position
+
+-- name: full_check_verdict
+verdict AS (
     SELECT pgprojector_reject_order_event(e.position, e.aggregate_id, e.event_type, e.version, coalesce(
                r.problem, pgprojector_order_event_problem(e.aggregate_id, e.event_type, e.data, {fields}),
                'invalid data')) AS rejected
@@ -72,11 +83,27 @@ batch AS MATERIALIZED (
     JOIN batch e USING (position)
     ORDER BY e.position
     LIMIT 1
-), changed AS (
-    -- The orders the batch moves past their applied version, once every event has passed the verdict.
-    -- (Not MATERIALIZED: a statement that reads it once reads it in place of a copy.)
-    SELECT * FROM per_order
-    WHERE last_version > coalesce(known_version, 0) AND NOT EXISTS (SELECT FROM verdict)
+)
+
+-- name: optimistic_check_also_ok
+-- The optimistic check, for the usual batch: an order whose version 1 is in the batch is taken to
+-- be new, unlooked-up, and an event passes only if it is an OrderCreated exactly when it is a
+-- version 1. Then a valid batch creates each new order with its first event and no order twice,
+-- and needs no per-order count of OrderCreated events. Any doubt (an event that fails, a bad
+-- aggregate id, a known order's second OrderCreated, an order neither new nor known) ends the
+-- statement; so does the primary key of a new order's row that exists. The worker's apply then
+-- runs the full check (order_events.order_projection), which names the event or finds nothing wrong.
+AND (e.event_type = 'OrderCreated') = (e.version = 1)
+
+-- name: optimistic_check_looked_up
+AND first_version > 1
+
+-- name: optimistic_check_verdict
+verdict AS (
+    SELECT pgprojector_doubt_batch(first_position) AS rejected
+    FROM per_order
+    WHERE NOT (data_ok AND aggregate_ok AND (first_version = 1 OR known_version IS NOT NULL))
+    LIMIT 1
 )
 
 -- name: orders_summary
@@ -91,7 +118,8 @@ WITH {checked_batch}, folded AS (
            c.data AS created, c.created_at, f.data AS confirmed, d.data AS driver
     FROM changed p
     JOIN batch l ON l.position = p.last_position AND l.version = p.last_version
-    LEFT JOIN batch c ON c.position = p.created_position AND c.event_type = 'OrderCreated'
+    -- (a new order's OrderCreated is its first event: the verdict saw to it)
+    LEFT JOIN batch c ON c.position = p.first_position AND c.event_type = 'OrderCreated'
     LEFT JOIN batch f ON f.position = p.confirmed_position AND f.event_type = 'OrderConfirmed'
                      AND f.version > coalesce(p.known_version, 0)
     LEFT JOIN batch d ON d.position = p.assigned_position AND d.event_type = 'DriverAssigned'

@@ -39,19 +39,20 @@ APPLY_STATEMENTS: dict[str, str] = {}
 
 
 def apply_statement(name: str, state_table: str, version_column: str, reads: Sequence[str], *,
-                    assume_created_new: bool = False) -> str:
+                    optimistic: bool = False) -> str:
     """Projection `name`'s apply statement (`<name>_apply`), headed by the batch check against its
-    own state table, checking the data fields in `reads`. With `assume_created_new`, an order whose
-    version 1 is in the batch is taken to be new without looking up its row."""
+    own state table, checking the data fields in `reads`: the full check, or the optimistic one
+    (see order_projection)."""
     unknown = set(reads) - set(ORDER_FIELDS)
     if unknown:
         raise ValueError(f"not fields of an order event: {sorted(unknown)}")
     sql = queries("projections/queries.sql")
+    fields = "ARRAY[{}]::text[]".format(", ".join(f"'{field}'" for field in reads))
+    check = {part: sql.get(f"{'optimistic' if optimistic else 'full'}_check_{part}", "").format(fields=fields)
+             for part in ("also_ok", "creations", "looked_up", "verdict")}
     head = sql["checked_batch"].format(
-        state_table=state_table, version_column=version_column,
-        fields="ARRAY[{}]::text[]".format(", ".join(f"'{field}'" for field in reads)),
-        summary=sql.get(f"{name}_summary", ""), known=sql.get(f"{name}_known", ""),
-        looked_up="AND first_version > 1" if assume_created_new else "")
+        state_table=state_table, version_column=version_column, fields=fields,
+        summary=sql.get(f"{name}_summary", ""), known=sql.get(f"{name}_known", ""), **check)
     return sql[f"{name}_apply"].format(checked_batch=head)
 
 
@@ -59,16 +60,16 @@ def order_projection(name: str, *, event_types: frozenset[str], state_table: str
                      reads: Sequence[str], tables: tuple[str, ...], then: Sequence[str] = ()) -> Projection:
     """A built-in projection: its apply statement over each batch, then the `then` queries.
 
-    Most orders a batch touches are born in it (their version 1 is in the batch), and looking up a
-    row for each costs more than a tenth of the statement (bench/README.md). So a batch first runs
-    optimistically, taking those to be new: its INSERT of their row is then the check, as the primary
-    key refuses an order that has a row already (a checkpoint rewound over applied events, or one order
-    number spelled two ways, order_7 and order_07). On that refusal, or on any error about the data
-    (which an order taken to be new may have caused), the batch rolls back to a savepoint and runs
-    again looking up every order: that run skips the replays, or names the event at fault.
+    A batch first runs with the optimistic check (sql/projections/queries.sql), which fits the usual
+    batch and costs less: most orders a batch touches are born in it (their version 1 is in it), so it
+    takes those to be new without looking up a row (the primary key of the row it inserts refuses an
+    order that has one: a checkpoint rewound over applied events, or one order number spelled two
+    ways, order_7 and order_07), and it counts no OrderCreated events per order. When it is not sure,
+    or that primary key refuses, or on any error about the data, the batch rolls back to a savepoint
+    and runs with the full check, which looks up every order: it skips the replays, or names the
+    event at fault.
     """
-    optimistic = APPLY_STATEMENTS[name] = apply_statement(name, state_table, version_column, reads,
-                                                          assume_created_new=True)
+    optimistic = APPLY_STATEMENTS[name] = apply_statement(name, state_table, version_column, reads, optimistic=True)
     statement = apply_statement(name, state_table, version_column, reads)
     follow_up = [queries("projections/queries.sql")[query] for query in then]
     types = sorted(event_types)
