@@ -1,0 +1,48 @@
+"""The benchmark tools still run, on a small log: `bench/run.py` builds every read model exactly as the
+raw SQL baselines do (an independent check of the built-in projections against plain SQL), and
+`bench/instructions.py` counts each apply statement. The measurements themselves live in bench/."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def run_tool(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def test_benchmark_builds_the_read_models_the_raw_baselines_build(tmp_path):
+    results = tmp_path / "results.json"
+    run_tool("run.py", "--events", "3000", "--duration", "0", "--repeats", "1", "--batch-sizes", "200,1000",
+             "--json", str(results))
+    report = json.loads(results.read_text())
+    assert report["dataset"]["events"] >= 3000 and report["dataset"]["fast_baseline_assumptions_hold"]
+    assert [run["batch_size"] for run in report["all_three"]] == [200, 1000]
+    for run in report["orders_only"] + report["all_three"]:
+        assert all(run["equals_baseline"].values()) and run["events_per_s"] > 0
+    assert set(report["all_three"][0]["equals_baseline"]) == {"orders", "dashboard", "analytics"}
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_instruction_counts_of_each_apply_statement_and_baseline():
+    output = run_tool("instructions.py", "--events", "2000", "--batches", "2", "--batch-size", "500",
+                      "--only", "raw_orders,orders,dashboard").stdout
+    counts = {name: int(count.replace(",", "")) for name, count in
+              re.findall(r"^\s*(\w+):\s+([\d,]+) instructions/event", output, re.MULTILINE)}
+    assert set(counts) == {"raw_orders", "orders", "dashboard"}
+    # Every count is the work of the measured statements alone, so none is small, and `orders`,
+    # which checks every field, does more than the raw build that checks none.
+    assert all(count > 5_000 for count in counts.values())
+    assert counts["orders"] > counts["raw_orders"]
