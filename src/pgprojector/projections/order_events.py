@@ -1,10 +1,11 @@
 """The order aggregate's events (CONTRACT.md): what the three built-in projections share.
 
 Each projection applies a batch with one statement (sql/projections/queries.sql) whose common head
-checks every event of the batch (sql/projections/order_events.sql) and stops the statement at
-the first one that cannot be applied, naming it; the worker then retries, isolates, halts or parks
-it like any handler error. Each projection takes the order from aggregate_id (order_<digits>) and
-checks the data fields it reads (`reads`), and no others: a field it never reads cannot stop it.
+checks every event of the batch (sql/projections/order_events.sql). The full check stops the
+statement at the first event that cannot be applied, naming it; the worker then retries, isolates,
+halts or parks it like any handler error. A cheaper optimistic check runs first (order_projection).
+Each projection takes the order from aggregate_id (order_<digits>) and checks the data fields it
+reads (`reads`), and no others: a field it never reads cannot stop it.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def order_projection(name: str, *, event_types: frozenset[str], state_table: str
     event at fault.
     """
     optimistic = APPLY_STATEMENTS[name] = apply_statement(name, state_table, version_column, reads, optimistic=True)
-    statement = apply_statement(name, state_table, version_column, reads)
+    fully_checked = apply_statement(name, state_table, version_column, reads)
     follow_up = [queries("projections/queries.sql")[query] for query in then]
     types = sorted(event_types)
 
@@ -80,7 +81,7 @@ def order_projection(name: str, *, event_types: frozenset[str], state_table: str
             async with conn.transaction():  # a savepoint in the batch's transaction
                 events: int = await conn.fetchval(optimistic, after, upto, types)
         except (asyncpg.UniqueViolationError, asyncpg.DataError):
-            events = await conn.fetchval(statement, after, upto, types)
+            events = await conn.fetchval(fully_checked, after, upto, types)
         if follow_up:
             await conn.execute(PLANNER_DEFAULTS)
         for query in follow_up:
