@@ -421,7 +421,7 @@ def _aware(value: Any) -> datetime | None:
 
 
 # The data fields each built-in projection reads, and so checks; every projection takes the order
-# from aggregate_id, which must be order_<digits>.
+# from aggregate_id, which must be order_<number> (digits with no leading zero).
 READS = {
     "orders": frozenset({"order_id", "user_id", "user_name", "items", "total_amount", "delivery_address", "restaurant_id",
                          "restaurant_name", "estimated_delivery", "driver_id", "driver_name", "reason"}),
@@ -431,8 +431,8 @@ READS = {
 
 
 def order_number(event: LogEvent) -> int | None:
-    """The order an event belongs to: the digits of its aggregate_id order_<digits>, or None."""
-    match = re.fullmatch(r"order_([0-9]{1,18})", event.aggregate_id)
+    """The order an event belongs to: the number of its aggregate_id order_<number>, or None."""
+    match = re.fullmatch(r"order_(0|[1-9][0-9]{0,17})", event.aggregate_id)
     return int(match.group(1)) if match else None
 
 

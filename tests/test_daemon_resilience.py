@@ -15,7 +15,7 @@ import os
 import random
 import signal
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import asyncpg
 import daemon_harness as h
@@ -438,6 +438,70 @@ async def test_malformed_events_are_parked_and_the_projections_move_past_them(ds
     finally:
         daemon.close()
         await conn.close()
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 500])
+async def test_orders_created_twice_are_parked_exactly_as_the_fold_says(dsn, tmp_path, batch_size):
+    """Orders created twice: a later event of a life turned into a second OrderCreated, and order
+    numbers spelled a second way (order_0<n>, its order_id the string "0<n>") with lives of their
+    own, which are no order's (one number, one spelling: a second spelling would be a second stream
+    of versions for one order). At each batch size, each projection parks exactly the events
+    the fold refuses (the batches run the optimistic check first and must fall back to the full
+    one), and its read model equals the fold's."""
+    seed = _seed()
+    rng = random.Random(seed)
+    conn = await _harness_conn(dsn)
+    planned = h.plan_orders(200, rng, days=1)
+    twice = []
+    for _ in range(4):
+        event = _corrupt(planned, "DriverAssigned", lambda data: None, after=rng.randrange(len(planned) // 2),
+                         avoid=frozenset(e.aggregate_id for e in twice))
+        number = int(event.aggregate_id.split("_")[1])
+        event.event_type, event.data = "OrderCreated", h.event_data("OrderCreated", number, rng, event.created_at)
+        twice.append(event)
+    for number in rng.sample(range(1, 201), 3):
+        for event in [e for e in planned if e.aggregate_id == f"order_{number}"]:
+            planned.append(h.Planned(f"order_0{number}", event.event_type, {**event.data, "order_id": f"0{number}"},
+                                     event.version, event.created_at + timedelta(minutes=rng.uniform(-30, 30))))
+    planned.sort(key=lambda p: (p.created_at, p.aggregate_id, p.version))
+    await h.insert_planned(conn, _in_version_order(planned))
+    daemon = h.DaemonProcess(dsn, tmp_path / "daemon.log", on_error="park", max_attempts="1",
+                             batch_size=str(batch_size))
+    try:
+        expected = h.fold(await h.read_log(conn), on_error="park")
+        refused_twice = {await conn.fetchval("SELECT position FROM events WHERE aggregate_id = $1 AND version = $2",
+                                             e.aggregate_id, e.version) for e in twice}
+        for name in h.BUILTINS:
+            assert refused_twice <= set(expected.parked[name])  # the fold refuses each second creation
+        await h.wait_caught_up(conn, h.BUILTINS, timeout=60, daemons=[daemon])
+        letters = json.loads((await asyncio.to_thread(h.run_cli, "dead-letters", "--json", dsn=dsn)).stdout)
+        found = {name: sorted(letter["position"] for letter in letters if letter["projection"] == name)
+                 for name in h.BUILTINS}
+        assert found == expected.parked, (seed, batch_size, found, expected.parked)
+        assert all("the order exists already" in letter["error"] for letter in letters
+                   if letter["position"] in refused_twice)
+        spelled_twice = [letter for letter in letters if "order_0" in letter["aggregate_id"]]
+        assert spelled_twice and all("aggregate_id" in letter["error"] for letter in spelled_twice)
+        _assert_models(await h.read_models(conn), expected, seed)
+        assert daemon.alive, daemon.tail()
+    finally:
+        daemon.close()
+        await conn.close()
+
+
+def _in_version_order(planned: list[h.Planned]) -> list[h.Planned]:
+    """`planned` in time order, except that each aggregate's versions come in order (the log's rule)."""
+    versions: dict[str, list[h.Planned]] = {}
+    for event in planned:
+        versions.setdefault(event.aggregate_id, []).append(event)
+    slots = {id(e): sorted(versions[e.aggregate_id], key=lambda p: p.version) for e in planned}
+    taken: dict[str, int] = {}
+    ordered = []
+    for event in planned:
+        index = taken.get(event.aggregate_id, 0)
+        ordered.append(slots[id(event)][index])
+        taken[event.aggregate_id] = index + 1
+    return ordered
 
 
 # ---------------------------------------------------------------------------------------------

@@ -117,4 +117,7 @@ async def test_each_projection_checks_identity_and_the_fields_it_reads(conn):
         assert await problem(fields, "OrderDelivered", aggregate="order_x", order_id="x") in (
             "aggregate_id: not order_<order_id>", "order_id: not a non-negative integer")
     assert await problem(dashboard, "OrderDelivered", aggregate="order_x") == "aggregate_id: not order_<order_id>"
+    # one spelling per order number: order_07 would be a second stream of versions for order 7
+    assert await problem(dashboard, "OrderDelivered", aggregate="order_07") == "aggregate_id: not order_<order_id>"
+    assert await problem(dashboard, "OrderDelivered", aggregate="order_0") is None
     assert analytics.event_types is not None and "DriverAssigned" not in analytics.event_types

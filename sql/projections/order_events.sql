@@ -1,7 +1,7 @@
 -- Validation of the order aggregate's events (CONTRACT.md), shared by the three built-in projections.
 -- Plain SQL functions, inlined by the planner: a batch is checked in one set-based query.
 --
--- Every projection needs the order's number, from aggregate_id (order_<digits>), and checks the
+-- Every projection needs the order's number, from aggregate_id (order_<number>), and checks the
 -- data fields it reads, named in `fields` (order_id among them: it must match the aggregate), and
 -- no others: a tolerant reader, which a field it never reads cannot stop. `fields` is always a
 -- constant in the calling statement, so the planner folds the `= ANY(fields)` tests away and each
@@ -63,11 +63,14 @@ LANGUAGE sql IMMUTABLE AS $$
         ~ '^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|z|[+-]\d{2}(:?\d{2})?)$', false)
 $$;
 
--- aggregate_id is order_ and 1 to 18 digits (a bigint), whatever the event.
+-- aggregate_id is order_ and the order number, 1 to 18 digits (a bigint) with no leading zero,
+-- whatever the event. One number, one spelling: order_07 would be a second stream of versions
+-- for order 7, beside order_7's.
 CREATE OR REPLACE FUNCTION pgprojector_is_order_aggregate(aggregate_id TEXT) RETURNS BOOLEAN
 LANGUAGE sql IMMUTABLE AS $$
     SELECT coalesce(left(aggregate_id, 6) = 'order_' AND length(aggregate_id) BETWEEN 7 AND 24
-                    AND ltrim(substr(aggregate_id, 7), '0123456789') = '', false)
+                    AND ltrim(substr(aggregate_id, 7), '0123456789') = ''
+                    AND (substr(aggregate_id, 7, 1) <> '0' OR aggregate_id = 'order_0'), false)
 $$;
 
 -- Before `fields`, every projection checked every field: drop that signature, leave no stale overload.
@@ -123,7 +126,7 @@ $$;
 CREATE OR REPLACE FUNCTION pgprojector_order_data_ok(aggregate_id TEXT, event_type TEXT, data JSONB, fields TEXT[])
 RETURNS BOOLEAN LANGUAGE sql IMMUTABLE AS $$
     SELECT coalesce(
-        -- Where aggregate_id is order_<digits>, this equality makes order_id read as those digits:
+        -- Where aggregate_id is order_<number>, this equality makes order_id read as its digits:
         -- an id (a number that is a non-negative integer, or a string of digits).
         (NOT 'order_id' = ANY(fields) OR 'order_' || (data ->> 'order_id') = aggregate_id)
         AND CASE event_type

@@ -4,7 +4,7 @@ Each projection applies a batch with one statement (sql/projections/queries.sql)
 checks every event of the batch (sql/projections/order_events.sql). The full check stops the
 statement at the first event that cannot be applied, naming it; the worker then retries, isolates,
 halts or parks it like any handler error. A cheaper optimistic check runs first (order_projection).
-Each projection takes the order from aggregate_id (order_<digits>) and checks the data fields it
+Each projection takes the order from aggregate_id (order_<number>) and checks the data fields it
 reads (`reads`), and no others: a field it never reads cannot stop it.
 """
 
@@ -64,8 +64,8 @@ def order_projection(name: str, *, event_types: frozenset[str], state_table: str
     A batch first runs with the optimistic check (sql/projections/queries.sql), which fits the usual
     batch and costs less: most orders a batch touches are born in it (their version 1 is in it), so it
     takes those to be new without looking up a row (the primary key of the row it inserts refuses an
-    order that has one: a checkpoint rewound over applied events, or one order number spelled two
-    ways, order_7 and order_07), and it counts no OrderCreated events per order. When it is not sure,
+    order that has one, as after a checkpoint rewound over applied events), and it counts no
+    OrderCreated events per order. When it is not sure,
     or that primary key refuses, or on any error about the data, the batch rolls back to a savepoint
     and runs with the full check, which looks up every order: it skips the replays, or names the
     event at fault.
