@@ -65,10 +65,9 @@ def order_projection(name: str, *, event_types: frozenset[str], state_table: str
     batch and costs less: most orders a batch touches are born in it (their version 1 is in it), so it
     takes those to be new without looking up a row (the primary key of the row it inserts refuses an
     order that has one, as after a checkpoint rewound over applied events), and it counts no
-    OrderCreated events per order. When it is not sure,
-    or that primary key refuses, or on any error about the data, the batch rolls back to a savepoint
-    and runs with the full check, which looks up every order: it skips the replays, or names the
-    event at fault.
+    OrderCreated events per order. When it is not sure, or that primary key refuses, or on any error
+    about the data, the batch rolls back to a savepoint and runs with the full check, which looks up
+    every order: it skips the replays, or names the event at fault.
     """
     optimistic = APPLY_STATEMENTS[name] = apply_statement(name, state_table, version_column, reads, optimistic=True)
     fully_checked = apply_statement(name, state_table, version_column, reads)
