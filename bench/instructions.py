@@ -26,7 +26,7 @@ from run import ALL, fill
 
 from pgprojector.embedded import EmbeddedPostgres
 from pgprojector.projection import load_projections
-from pgprojector.projections.order_events import APPLY_STATEMENTS, PLANNER_SETTINGS
+from pgprojector.projections.order_events import APPLY_SETTINGS, APPLY_STATEMENTS, BATCH_BYTES_PER_POSITION
 
 # What --only may name, besides the projections.
 BASELINES = ("raw_orders", "raw_all_three")
@@ -79,7 +79,8 @@ def projection_steps(name: str, batches: int, batch_size: int) -> tuple[str, str
     types = "ARRAY[{}]".format(", ".join(f"'{t}'" for t in sorted(projection.event_types)))
     setup = statement(f"TRUNCATE {', '.join(projection.tables)}")
     prologue = statement(f"PREPARE apply(bigint, bigint, text[]) AS {APPLY_STATEMENTS[name]}")
-    around = "BEGIN;\n\n" + "".join(statement(s) for s in PLANNER_SETTINGS.split(";")) + "{}COMMIT;\n\n"
+    settings = APPLY_SETTINGS.replace("$1", str(batch_size * BATCH_BYTES_PER_POSITION))
+    around = "BEGIN;\n\n" + statement(settings) + "{}COMMIT;\n\n"
     steps = [(f"EXECUTE apply({n * batch_size}, {(n + 1) * batch_size}, {types})", around) for n in range(batches)]
     return setup, prologue, steps
 

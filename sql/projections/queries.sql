@@ -4,6 +4,19 @@
 -- the batch held. Events at or below the version a projection has applied are replays and change
 -- nothing.
 
+-- name: apply_settings
+-- For the apply statement's transaction only (set_config(..., true) is SET LOCAL; order_events resets
+-- the planner's two before any follow-up query). Plans that hold whatever the planner guesses of a
+-- CTE's size, for which it has no statistics: hash joins between the batch's CTEs, never a nested
+-- loop rescanning one of them per row; state tables read by index (`= ANY(ARRAY(...))`, a scan that
+-- needs no nested loop) even by a generic plan cached while they were small, which would otherwise
+-- go on scanning them whole as they grow. And memory for the batch, $1 bytes: its CTEs are kept in
+-- work_mem and spill to temporary files past it, to be read back by every join (a batch of 20000
+-- positions, 4.5 MB, spilled at the default 4MB). work_mem is raised to $1, never lowered.
+SELECT set_config('enable_nestloop', 'off', true), set_config('enable_seqscan', 'off', true),
+       set_config('work_mem', (greatest(pg_size_bytes(current_setting('work_mem')), $1::bigint) / 1024)::text || 'kB',
+                  true)
+
 -- name: checked_batch
 -- The common head of every apply statement, a template (order_events.apply_statement fills it in):
 -- `fields` the data fields the projection reads (a text[] literal), `summary` its own per-order

@@ -26,12 +26,11 @@ ORDER_FIELDS = ("order_id", "user_id", "user_name", "items", "total_amount", "de
 
 FUNCTIONS_SQL = read_sql("projections/order_events.sql")
 
-# For the apply statements only (SET LOCAL, then back): plans that hold whatever the planner guesses
-# of a CTE's size, for which it has no statistics. Hash joins between the batch's CTEs, never a
-# nested loop rescanning one of them per row; state tables read by index (`= ANY(ARRAY(...))`, a
-# scan that needs no nested loop) even by a generic plan cached while they were small, which would
-# otherwise go on scanning them whole as they grow.
-PLANNER_SETTINGS = "SET LOCAL enable_nestloop = off; SET LOCAL enable_seqscan = off"
+# Before each apply statement (sql/projections/queries.sql, apply_settings): the planner settings its
+# plans need, and work_mem for a batch of so many positions (an event of the seed's workload takes
+# about 230 bytes in the batch's CTE; the rest is room for the hash tables built on it).
+APPLY_SETTINGS = queries("projections/queries.sql")["apply_settings"]
+BATCH_BYTES_PER_POSITION = 1024
 PLANNER_DEFAULTS = "SET LOCAL enable_nestloop = DEFAULT; SET LOCAL enable_seqscan = DEFAULT"
 
 # Each built-in projection's apply statement, by projection name: for EXPLAIN and for
@@ -75,7 +74,7 @@ def order_projection(name: str, *, event_types: frozenset[str], state_table: str
     types = sorted(event_types)
 
     async def apply(conn: asyncpg.Connection, after: int, upto: int) -> int:
-        await conn.execute(PLANNER_SETTINGS)
+        await conn.execute(APPLY_SETTINGS, (upto - after) * BATCH_BYTES_PER_POSITION)
         try:
             async with conn.transaction():  # a savepoint in the batch's transaction
                 events: int = await conn.fetchval(optimistic, after, upto, types)
