@@ -211,6 +211,22 @@ async def test_ids_written_as_strings_of_digits_are_ids(dsn, pool, conn):
     await assert_read_models_match_fold(conn)
 
 
+async def test_built_in_apply_raises_work_mem_for_its_batch_and_never_lowers_it(conn):
+    """The batch's CTEs stay in memory (a batch of 20000 positions spilled at the default 4MB), for the
+    batch's transaction only; an operator's larger work_mem is kept."""
+    (orders,) = load_projections(["orders"])
+    assert orders.handle_range is not None
+    before = await conn.fetchval("SHOW work_mem")
+    async with conn.transaction():
+        assert await orders.handle_range(conn, 0, 20_000) == 0
+        assert await conn.fetchval("SHOW work_mem") == "20000kB"
+    assert await conn.fetchval("SHOW work_mem") == before
+    await conn.execute("SET work_mem = '1GB'")
+    async with conn.transaction():
+        assert await orders.handle_range(conn, 0, 20_000) == 0
+        assert await conn.fetchval("SHOW work_mem") == "1GB"
+
+
 async def test_replayed_event_changes_nothing(dsn, pool, conn):
     """An event whose version is not above current_version was applied already (e.g. after a rebuild of state)."""
     store = EventStore(pool)
