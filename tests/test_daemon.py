@@ -15,9 +15,10 @@ from fold import assert_read_models_match_fold
 
 from pgprojector import EventStore, NewEvent, db
 from pgprojector.daemon import Daemon
+from pgprojector.events import RecordedEvent
 from pgprojector.listener import Wakeup
 from pgprojector.migrations import setup_projection
-from pgprojector.projection import load_projections
+from pgprojector.projection import Projection, load_projections
 from pgprojector.settings import load_settings
 from pgprojector.worker import ProjectionWorker
 
@@ -260,6 +261,43 @@ async def test_range_projection_defined_outside_the_package_takes_batches_of_pos
     assert [b.checkpoint for b in batches] == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 21]
     assert [b.applied for b in batches] == [1, 1, 0, 1, 1, 0, 1, 1, 0, 1, 0] and worker.events_applied == 7
     assert dict(await conn.fetch("SELECT user_id, orders FROM created_per_user")) == {0: 2, 1: 3, 2: 2}
+
+
+@pytest.mark.parametrize("by_range", [False, True], ids=["handle", "handle_range"])
+async def test_failed_batch_is_halved_down_to_its_bad_event(dsn, pool, conn, by_range):
+    """One bad event in a batch of 512: the good events around it commit, each once, in about
+    2 * log2(512) transactions (not one per event up to it), and the bad one is parked."""
+    await EventStore(pool).append("stream_1", "stream", [NewEvent("Tick", {"n": n}) for n in range(512)],
+                                  expected_version=0)
+    positions = [r["position"] for r in await conn.fetch("SELECT position FROM events ORDER BY position")]
+    bad = positions[300]
+    tried: list[tuple[int, int]] = []
+
+    async def handle(conn: asyncpg.Connection, events: list[RecordedEvent]) -> None:
+        await apply_range(conn, events[0].position - 1, events[-1].position)
+
+    async def apply_range(conn: asyncpg.Connection, after: int, upto: int) -> None:
+        tried.append((after + 1, upto))
+        # (a primary key: an event applied twice would fail its batch)
+        await conn.execute("INSERT INTO ticks_seen SELECT position FROM events WHERE position > $1 AND position <= $2",
+                           after, upto)
+        if after < bad <= upto:
+            raise ValueError("this tick is bad")
+
+    projection = Projection(name="ticks", schema="CREATE TABLE ticks_seen (position BIGINT PRIMARY KEY)",
+                            tables=("ticks_seen",), **({"handle_range": apply_range} if by_range else {"handle": handle}))
+    await setup_projection(conn, projection)
+    worker = ProjectionWorker(pool, projection, batch_size=512, poll_interval=0.1, on_error="park", max_attempts=1,
+                              stopping=anyio.Event(), wakeup=Wakeup())
+    for _ in range(100):
+        batch = await worker.step()
+        if batch is not None and batch.caught_up:
+            break
+    assert [r["position"] for r in await conn.fetch("SELECT position FROM ticks_seen ORDER BY 1")] == [
+        p for p in positions if p != bad]
+    assert await conn.fetchval("SELECT event_position FROM pgprojector_dead_letters WHERE projection = 'ticks'") == bad
+    assert len(tried) <= 2 * 10 + 2, tried
+    assert tried[0] == (positions[0], positions[-1]) and tried[1] == (positions[0], positions[255])
 
 
 async def test_batch_reaching_below_the_applied_versions_applies_only_what_is_new(dsn, pool, conn):

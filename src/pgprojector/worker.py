@@ -39,13 +39,15 @@ class Batch:
 
 
 class EventFailed(Exception):
-    """The projection's handler rejected the batch of events at positions `first`..`last`."""
+    """The projection's handler rejected the batch of events at positions `first`..`last`, `size`
+    events (a `handle` batch) or positions (a `handle_range` batch); 1 is a single event."""
 
-    def __init__(self, cause: BaseException, first: int, last: int) -> None:
+    def __init__(self, cause: BaseException, first: int, last: int, size: int) -> None:
         super().__init__(str(cause))
         self.cause = cause
         self.first = first
         self.last = last
+        self.size = size
 
 
 class ProjectionWorker:
@@ -79,7 +81,10 @@ class ProjectionWorker:
         self.on_caught_up = on_caught_up
         self._types = sorted(projection.event_types) if projection.event_types is not None else None
         self._log = log.bind(projection=projection.name)
-        self._isolate_until = 0  # after a failed batch: one event per transaction up to here
+        # After a failed batch: batches of at most this many events (positions), halved at each
+        # failure, until the checkpoint passes `_isolate_until` (see _on_event_failure).
+        self._isolation_limit = 0
+        self._isolate_until = 0
         self._attempts = 0  # consecutive failures of the event at the checkpoint
         self._db_failures = 0
         self._waiting_logged_for: int | None = None
@@ -122,7 +127,7 @@ class ProjectionWorker:
 
     async def apply_next_batch(self) -> Batch:
         """One transaction: lock the checkpoint, read after it up to the horizon, apply, move it."""
-        limit = 1 if self._isolating() else self.batch_size
+        limit = self._isolation_limit or self.batch_size
         sql = queries()
         started = time.perf_counter()
         async with db.acquire(self.pool) as conn, conn.transaction():
@@ -144,8 +149,8 @@ class ProjectionWorker:
                 await self.on_caught_up(conn)
         batch = Batch(applied=applied, caught_up=caught_up, checkpoint=new_position, horizon=horizon,
                       held_back=drawn > horizon)
-        if self._isolate_until and new_position >= self._isolate_until:
-            self._isolate_until = 0
+        if self._isolating() and new_position >= self._isolate_until:
+            self._stop_isolating()
         if applied:
             batch.first, batch.last = first, last
             self.events_applied += applied
@@ -170,7 +175,7 @@ class ProjectionWorker:
         sql = queries()
         handle_range = self.projection.handle_range
         if handle_range is not None:
-            if limit == 1:  # one event per transaction (isolating a failure): exactly the next one
+            if limit == 1:  # a batch of one (isolating a failure): exactly the next wanted event
                 upto = await conn.fetchval(sql["next_position"], after, horizon, self._types)
                 if upto is None:
                     return 0, 0, 0, horizon
@@ -180,7 +185,7 @@ class ProjectionWorker:
                 if upto <= after:
                     return 0, 0, 0, horizon
                 first = after + 1
-            count, last, reached = None, upto, upto
+            count, last, reached, size = None, upto, upto, 1 if limit == 1 else upto - after
             apply = handle_range(conn, after, upto)
         else:
             assert self.projection.handle is not None
@@ -189,6 +194,7 @@ class ProjectionWorker:
             if not events:
                 return 0, 0, 0, horizon
             count, first, last = len(events), events[0].position, events[-1].position
+            size = count
             # A short read saw everything up to the horizon.
             reached = last if count == limit else horizon
             apply = self.projection.handle(conn, events)
@@ -197,22 +203,28 @@ class ProjectionWorker:
         except Exception as exc:
             if is_transient(exc):
                 raise
-            raise EventFailed(exc, first, last) from exc
+            raise EventFailed(exc, first, last, size) from exc
         if count is None:
             count = applied if applied is not None else await conn.fetchval(
                 sql["count_range"], after, upto, self._types)
         return count, first, last, reached
 
     def _isolating(self) -> bool:
-        return self._isolate_until > 0
+        return self._isolation_limit > 0
+
+    def _stop_isolating(self) -> None:
+        self._isolation_limit = self._isolate_until = 0
 
     async def _on_event_failure(self, failure: EventFailed) -> None:
         error = f"{db.describe_error(failure.cause)}"[:MAX_ERROR_TEXT]
-        if failure.first != failure.last and not self._isolating():
-            # A batch failed: replay it one event per transaction to find the culprit,
-            # committing the good events before it.
-            self._isolate_until = failure.last
-            self._log.warning("batch_failed_isolating", first=failure.first, last=failure.last, error=error)
+        if failure.size > 1:
+            # A batch failed: replay it in halves to find the culprit, committing the good events
+            # before it. The half that fails is halved in turn, down to one event: about log2(batch
+            # size) failed transactions.
+            self._isolation_limit = failure.size // 2
+            self._isolate_until = max(self._isolate_until, failure.last)
+            self._log.warning("batch_failed_isolating", first=failure.first, last=failure.last, error=error,
+                              next_batch=self._isolation_limit)
             return
         self._attempts += 1
         async with db.acquire(self.pool) as conn:
@@ -239,8 +251,9 @@ class ProjectionWorker:
                 await conn.execute(queries()["halt_projection"], self.projection.name, event["position"], error)
         self._attempts = 0
         self._log.error("event_parked" if self.on_error == "park" else "projection_halted", **context)
-        if self._isolate_until <= event["position"]:
-            self._isolate_until = 0
+        # The rest of the failed batch goes as whole batches again (another bad event in it is
+        # isolated in its turn).
+        self._stop_isolating()
 
     async def _on_database_failure(self, exc: BaseException) -> None:
         self._db_failures += 1
