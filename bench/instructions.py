@@ -79,7 +79,7 @@ def projection_steps(name: str, batches: int, batch_size: int) -> tuple[str, str
     types = "ARRAY[{}]".format(", ".join(f"'{t}'" for t in sorted(projection.event_types)))
     setup = statement(f"TRUNCATE {', '.join(projection.tables)}")
     prologue = statement(f"PREPARE apply(bigint, bigint, text[]) AS {APPLY_STATEMENTS[name]}")
-    settings = APPLY_SETTINGS.replace("$1", str(batch_size * BATCH_BYTES_PER_POSITION))
+    settings = APPLY_SETTINGS.format(batch_bytes=batch_size * BATCH_BYTES_PER_POSITION)
     around = "BEGIN;\n\n" + statement(settings) + "{}COMMIT;\n\n"
     steps = [(f"EXECUTE apply({n * batch_size}, {(n + 1) * batch_size}, {types})", around) for n in range(batches)]
     return setup, prologue, steps

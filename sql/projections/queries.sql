@@ -5,16 +5,18 @@
 -- nothing.
 
 -- name: apply_settings
--- For the apply statement's transaction only (set_config(..., true) is SET LOCAL; order_events resets
--- the planner's two before any follow-up query). Plans that hold whatever the planner guesses of a
--- CTE's size, for which it has no statistics: hash joins between the batch's CTEs, never a nested
--- loop rescanning one of them per row; state tables read by index (`= ANY(ARRAY(...))`, a scan that
--- needs no nested loop) even by a generic plan cached while they were small, which would otherwise
--- go on scanning them whole as they grow. And memory for the batch, $1 bytes: its CTEs are kept in
--- work_mem and spill to temporary files past it, to be read back by every join (a batch of 20000
--- positions, 4.5 MB, spilled at the default 4MB). work_mem is raised to $1, never lowered.
-SELECT set_config('enable_nestloop', 'off', true), set_config('enable_seqscan', 'off', true),
-       set_config('work_mem', (greatest(pg_size_bytes(current_setting('work_mem')), $1::bigint) / 1024)::text || 'kB',
+-- For the apply statement's transaction only (SET LOCAL; order_events resets the planner's two before
+-- any follow-up query). Plans that hold whatever the planner guesses of a CTE's size, for which it
+-- has no statistics: hash joins between the batch's CTEs, never a nested loop rescanning one of them
+-- per row; state tables read by index (`= ANY(ARRAY(...))`, a scan that needs no nested loop) even by
+-- a generic plan cached while they were small, which would otherwise go on scanning them whole as
+-- they grow. And memory for the batch, {batch_bytes} bytes (an integer order_events fills in: these
+-- statements go in one simple query, with no parameters): its CTEs are kept in work_mem and spill to
+-- temporary files past it, to be read back by every join (a batch of 20000 positions, 4.5 MB,
+-- spilled at the default 4MB). work_mem is raised to it, never lowered.
+SET LOCAL enable_nestloop = off;
+SET LOCAL enable_seqscan = off;
+SELECT set_config('work_mem', (greatest(pg_size_bytes(current_setting('work_mem')), {batch_bytes}) / 1024)::text || 'kB',
                   true)
 
 -- name: checked_batch
