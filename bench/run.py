@@ -320,17 +320,27 @@ async def catch_up_daemon(dsn: str, conn: asyncpg.Connection, projections: Seque
                         log_level="warning", log_format="json")
     daemon = Daemon(settings, projections)
     finished: dict[str, float] = {}
+
+    async def until_caught_up(worker: ProjectionWorker) -> None:
+        await worker.caught_up_once.wait()
+        finished[worker.projection.name] = now() - started
+
     async with anyio.create_task_group() as tasks:
         client_before = time.process_time()
         started = now()
         tasks.start_soon(daemon.run)
-        while len(finished) < len(projections):
-            for row in await conn.fetch("SELECT name, position FROM pgprojector_projections WHERE name = ANY($1)",
-                                        [p.name for p in projections]):
-                if row["position"] >= head and row["name"] not in finished:
-                    finished[row["name"]] = now() - started
-            await anyio.sleep(0.01)
+        # The workers' own signal, not a query every few ms that would compete with them for the cores.
+        while not daemon.workers:
+            await anyio.sleep(0.005)
+        async with anyio.create_task_group() as waiting:
+            for worker in daemon.workers:
+                waiting.start_soon(until_caught_up, worker)
         client_cpu = time.process_time() - client_before
+        behind = await conn.fetch("SELECT name, state, position FROM pgprojector_projections "
+                                  "WHERE name = ANY($1) AND (position < $2 OR state <> 'running')",
+                                  [p.name for p in projections], head)
+        if behind:  # caught_up_once is also set by a halted projection
+            raise RuntimeError(f"projections stopped short of the head of the log: {[dict(r) for r in behind]}")
         backends = [r["pid"] for r in await conn.fetch(
             "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'pgprojector-daemon%' "
             "AND datname = current_database()")]
