@@ -27,7 +27,7 @@ class Settings(BaseSettings):
 
     dsn: SecretStr | None = Field(default=None, description="PostgreSQL URL, postgresql://user@host:port/db")
     channel: str = Field(default="events", description="NOTIFY channel (a plain identifier)")
-    batch_size: int = Field(default=5000, ge=1, le=100_000, description="most events applied in one transaction")
+    batch_size: int = Field(default=20_000, ge=1, le=100_000, description="most events applied in one transaction")
     poll_interval: float = Field(
         default=1.0, gt=0, le=5, description="seconds between catch-up reads when no notification comes"
     )
