@@ -6,7 +6,7 @@ import pytest
 from helpers import run_cli
 
 from pgprojector.errors import ConfigError
-from pgprojector.settings import load_settings
+from pgprojector.settings import Settings, load_settings
 
 
 def test_defaults(monkeypatch):
@@ -74,5 +74,10 @@ def test_help_names_the_environment_variables():
     assert result.returncode == 0
     for variable in ("PGPROJECTOR_DSN", "PGPROJECTOR_BATCH_SIZE", "PGPROJECTOR_ON_ERROR", "PGPROJECTOR_PROJECTIONS"):
         assert variable in result.stdout
+    # The defaults it states are the settings' own (it once said 5000 after the default changed).
+    text = " ".join(result.stdout.split())
+    for name in ("batch_size", "poll_interval", "max_attempts", "channel", "on_error", "log_level"):
+        default = Settings.model_fields[name].default
+        assert f"PGPROJECTOR_{name.upper()}, default {default}" in text, name
     assert run_cli("--help").returncode == 0
     assert run_cli("no-such-command").returncode == 2

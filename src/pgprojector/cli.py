@@ -19,21 +19,30 @@ from pgprojector.settings import Settings, load_settings
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
+
+def _default(name: str) -> Any:
+    """A setting's default, from Settings itself, so that --help cannot drift from it."""
+    return Settings.model_fields[name].default
+
+
 _SETTING_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--dsn", {"help": "PostgreSQL URL [PGPROJECTOR_DSN]"}),
-    ("--channel", {"help": "NOTIFY channel, a plain identifier [PGPROJECTOR_CHANNEL, default events]"}),
-    ("--batch-size", {"type": int, "help": "most events applied in one transaction [PGPROJECTOR_BATCH_SIZE, default 5000]"}),
+    ("--channel", {"help": f"NOTIFY channel, a plain identifier [PGPROJECTOR_CHANNEL, default {_default('channel')}]"}),
+    ("--batch-size", {"type": int, "help": "most events applied in one transaction "
+                                           f"[PGPROJECTOR_BATCH_SIZE, default {_default('batch_size')}]"}),
     ("--poll-interval", {"type": float, "help": "seconds between catch-up reads without a notification "
-                                                 "[PGPROJECTOR_POLL_INTERVAL, default 1.0]"}),
+                                                 f"[PGPROJECTOR_POLL_INTERVAL, default {_default('poll_interval')}]"}),
     ("--projections", {"help": "comma-separated built-in names (orders, dashboard, analytics) and/or "
                                "module:attribute paths [PGPROJECTOR_PROJECTIONS, default all three built-ins]"}),
-    ("--on-error", {"choices": ["halt", "park"], "help": "after max attempts: halt the projection or park the "
-                                                           "event as a dead letter [PGPROJECTOR_ON_ERROR, default halt]"}),
+    ("--on-error", {"choices": ["halt", "park"], "help": "after max attempts: halt the projection or park the event "
+                                                           f"as a dead letter [PGPROJECTOR_ON_ERROR, default "
+                                                           f"{_default('on_error')}]"}),
     ("--max-attempts", {"type": int, "help": "tries of a failing event before halt/park "
-                                             "[PGPROJECTOR_MAX_ATTEMPTS, default 5]"}),
+                                             f"[PGPROJECTOR_MAX_ATTEMPTS, default {_default('max_attempts')}]"}),
     ("--log-format", {"choices": ["json", "console"], "help": "log format [PGPROJECTOR_LOG_FORMAT, default json, "
                                                                 "console on a terminal]"}),
-    ("--log-level", {"choices": ["debug", "info", "warning", "error"], "help": "[PGPROJECTOR_LOG_LEVEL, default info]"}),
+    ("--log-level", {"choices": ["debug", "info", "warning", "error"],
+                     "help": f"[PGPROJECTOR_LOG_LEVEL, default {_default('log_level')}]"}),
     ("--metrics-port", {"type": int, "help": "serve Prometheus metrics on this port [PGPROJECTOR_METRICS_PORT, off]"}),
 ]
 
