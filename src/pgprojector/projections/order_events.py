@@ -27,14 +27,16 @@ ORDER_FIELDS = ("order_id", "user_id", "user_name", "items", "total_amount", "de
 FUNCTIONS_SQL = read_sql("projections/order_events.sql")
 
 # Before each apply statement (sql/projections/queries.sql, apply_settings): the planner settings its
-# plans need, and work_mem for a batch of so many positions (an event of the seed's workload takes
-# about 230 bytes in the batch's CTE; the rest is room for the hash tables built on it).
+# plans need (and always the generic plan), and work_mem for a batch of so many positions (an event of
+# the seed's workload takes about 230 bytes in the batch's CTE; the rest is room for the hash tables
+# built on it).
 APPLY_SETTINGS = queries("projections/queries.sql")["apply_settings"]
 BATCH_BYTES_PER_POSITION = 1024
-PLANNER_DEFAULTS = "SET LOCAL enable_nestloop = DEFAULT; SET LOCAL enable_seqscan = DEFAULT"
+PLANNER_DEFAULTS = ("SET LOCAL enable_nestloop = DEFAULT; SET LOCAL enable_seqscan = DEFAULT; "
+                    "SET LOCAL plan_cache_mode = DEFAULT")
 # Where a batch falls back to when the optimistic statement is not sure. It is never released: the
-# batch's COMMIT ends it. Every round trip counts: an idle daemon's latency is mostly round trips,
-# three projections' of them through one event loop.
+# batch's COMMIT ends it. Every round trip counts in an idle daemon's latency: three projections'
+# round trips go through one event loop.
 SAVEPOINT = "pgprojector_optimistic"
 
 # Each built-in projection's apply statement, by projection name: for EXPLAIN and for
