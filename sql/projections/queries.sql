@@ -5,19 +5,22 @@
 -- nothing.
 
 -- name: apply_settings
--- For the apply statement's transaction only (SET LOCAL; order_events resets the planner's settings
--- before any follow-up query). Plans that hold whatever the planner guesses of a CTE's size, for
--- which it has no statistics: hash joins between the batch's CTEs, never a nested loop rescanning
--- one of them per row; state tables read by index (`= ANY(ARRAY(...))`, a scan that needs no nested
--- loop) even by a generic plan cached while they were small, which would otherwise go on scanning
--- them whole as they grow. Always that generic plan: left to choose, PostgreSQL compares it with
--- plans made for the actual positions, and for the one-event batches of an idle daemon over a
--- large log those always look cheaper, so it planned every batch again (2 to 3 ms each, in the
--- commit-to-visible latency: p50 9.2 ms for all three projections over the benchmark's 200,000
--- events, 5.5 to 6.2 ms with the generic plan). And memory for the batch, {batch_bytes} bytes (an integer order_events fills in: these
--- statements go in one simple query, with no parameters): its CTEs are kept in work_mem and spill to
--- temporary files past it, to be read back by every join (a batch of 20000 positions, 4.5 MB,
--- spilled at the default 4MB). work_mem is raised to it, never lowered.
+-- Set before each apply statement, for its transaction only (SET LOCAL; order_events resets the
+-- planner settings before any follow-up query). {batch_bytes} is an integer order_events fills in:
+-- these statements go in one simple query, with no parameters.
+-- - enable_nestloop, enable_seqscan: plans that hold whatever the planner guesses of a CTE's size,
+--   for which it has no statistics. Hash joins between the batch's CTEs, never a nested loop
+--   rescanning one of them per row; state tables read by index (`= ANY(ARRAY(...))`, a scan that
+--   needs no nested loop) even by a generic plan cached while they were small, which would
+--   otherwise go on scanning them whole as they grow.
+-- - plan_cache_mode: always that cached generic plan. Left to choose, PostgreSQL compares it with a
+--   plan made for the actual positions, which for the one-event batches of an idle daemon over a
+--   large log always looks cheaper: it planned every batch again, 2 to 3 ms each, in the
+--   commit-to-visible latency (p50 9.2 ms for all three projections over the benchmark's 200,000
+--   events; 5.5 to 6.2 ms with the generic plan).
+-- - work_mem, raised to {batch_bytes} and never lowered: the batch's CTEs are kept in work_mem and
+--   spill to temporary files past it, to be read back by every join (a batch of 20000 positions,
+--   4.5 MB, spilled at the default 4MB).
 SET LOCAL enable_nestloop = off;
 SET LOCAL enable_seqscan = off;
 SET LOCAL plan_cache_mode = force_generic_plan;
