@@ -10,6 +10,7 @@ reads (`reads`), and no others: a field it never reads cannot stop it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import asyncpg
@@ -32,8 +33,10 @@ FUNCTIONS_SQL = read_sql("projections/order_events.sql")
 # built on it).
 APPLY_SETTINGS = queries("projections/queries.sql")["apply_settings"]
 BATCH_BYTES_PER_POSITION = 1024
-PLANNER_DEFAULTS = ("SET LOCAL enable_nestloop = DEFAULT; SET LOCAL enable_seqscan = DEFAULT; "
-                    "SET LOCAL plan_cache_mode = DEFAULT")
+# Before a follow-up query: each planner setting apply_settings sets back to its default (work_mem,
+# which it only raises, stays), derived from it so that the two cannot drift apart.
+PLANNER_DEFAULTS = "; ".join(f"SET LOCAL {setting} = DEFAULT"
+                             for setting in re.findall(r"^SET LOCAL (\w+) =", APPLY_SETTINGS, re.MULTILINE))
 # Where a batch falls back to when the optimistic statement is not sure. It is never released: the
 # batch's COMMIT ends it. Every round trip counts in an idle daemon's latency: three projections'
 # round trips go through one event loop.
