@@ -57,7 +57,8 @@ def corpus() -> list[tuple[str, str, str]]:
                     data[field] = value
                 aggregate = f"order_{value}" if field == "order_id" and isinstance(value, int) else "order_7"
                 cases.append((aggregate, event_type, json.dumps(data)))
-        for aggregate in ["order_8", "order_07", "order_", "Order_7", "order_7 ", "order_-7", "x"]:
+        for aggregate in ["order_8", "order_07", "order_00", "order_", "Order_7", "order_7 ", " order_7", "order_7é",
+                          "order_order_7", "order__7", "order_-7", "x"]:
             cases.append((aggregate, event_type, json.dumps(good)))
         for data in ([7], "order", 7, None):
             cases.append(("order_7", event_type, json.dumps(data)))
