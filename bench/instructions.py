@@ -1,7 +1,7 @@
 """Instructions per event, counted by callgrind: pgprojector's apply statements and the raw
 baselines, deterministic where the benchmark's seconds are not. See bench/README.md.
 
-    python bench/instructions.py [--events N] [--batches K] [--batch-size B] [--only orders,raw_orders]
+    python bench/instructions.py [--events N] [--batches K] [--batch-size B] [--only orders,raw_orders] [--stages]
 
 It fills a private cluster with the benchmark's workload, stops it, then runs each measured script
 in `postgres --single` under `valgrind --tool=callgrind`, and the same script without the measured
@@ -69,10 +69,13 @@ def measure(server: EmbeddedPostgres, work: Path, name: str, setup: str, prologu
     return counted - baseline
 
 
-def projection_steps(name: str, batches: int, batch_size: int) -> tuple[str, str, list[tuple[str, str]]]:
+def projection_steps(name: str, batches: int, batch_size: int,
+                     stage: str | None = None) -> tuple[str, str, list[tuple[str, str]]]:
     """A built-in projection's apply statement over `batches` batches from the start of the log, each
     in its transaction with the projections' planner settings, from empty tables (the worker's own
-    statements around it, checkpoint and horizon, are a few per batch and not counted)."""
+    statements around it, checkpoint and horizon, are a few per batch and not counted). With
+    `stage`, only that prefix of the statement is counted (see STAGES), each batch then applied
+    whole, uncounted, so that every batch finds the tables as in a real catch-up."""
     (projection,) = load_projections([name])
     assert projection.event_types is not None
     # The event types the projection's own apply passes ($3): analytics wants four of the six.
@@ -80,9 +83,37 @@ def projection_steps(name: str, batches: int, batch_size: int) -> tuple[str, str
     setup = statement(f"TRUNCATE {', '.join(projection.tables)}")
     prologue = statement(f"PREPARE apply(bigint, bigint, text[]) AS {APPLY_STATEMENTS[name]}")
     settings = APPLY_SETTINGS.format(batch_bytes=batch_size * BATCH_BYTES_PER_POSITION)
-    around = "BEGIN;\n\n" + statement(settings) + "{}COMMIT;\n\n"
-    steps = [(f"EXECUTE apply({n * batch_size}, {(n + 1) * batch_size}, {types})", around) for n in range(batches)]
+    steps = []
+    for n in range(batches):
+        apply = f"EXECUTE apply({n * batch_size}, {(n + 1) * batch_size}, {types})"
+        if stage is None:
+            steps.append((apply, "BEGIN;\n\n" + statement(settings) + "{}COMMIT;\n\n"))
+        else:
+            measured = f"EXECUTE stage({n * batch_size}, {(n + 1) * batch_size}, {types})"
+            steps.append((measured, "BEGIN;\n\n" + statement(settings) + "{}" + statement(apply) + "COMMIT;\n\n"))
+    if stage is not None:
+        prologue += statement(f"PREPARE stage(bigint, bigint, text[]) AS {stage_statement(name, stage)}")
     return setup, prologue, steps
+
+
+# What --stages counts of each apply statement: its prefix through one CTE of the common head
+# (sql/projections/queries.sql, checked_batch), read to the end by a count(*). By stage name: the
+# CTE, and whether the batch's check is replaced by `true`.
+STAGES = {"batch, unchecked": ("batch", True), "batch": ("batch", False), "summary": ("summary", False),
+          "changed": ("changed", False)}
+CHECK = re.compile(r"pgprojector_order_data_ok\(.*?::text\[\]\)", re.DOTALL)
+
+
+def stage_statement(name: str, stage: str) -> str:
+    """Projection `name`'s apply statement through the CTE of `stage`, then `SELECT count(*)` of it."""
+    cte, unchecked = STAGES[stage]
+    whole = APPLY_STATEMENTS[name]
+    # Each of the head's CTEs ends with a line that starts with its closing parenthesis.
+    prefix = whole[:whole.index("\n)", whole.index(f"{cte} AS ")) + 2]
+    if unchecked:
+        prefix, found = CHECK.subn("true", prefix, count=1)
+        assert found == 1, "the batch's check was not found"
+    return f"{prefix} SELECT count(*) FROM {cte}"
 
 
 def baseline_steps(name: str) -> tuple[str, str, list[tuple[str, str]]]:
@@ -113,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the callgrind profiles here (for callgrind_annotate), not in a temporary directory")
     parser.add_argument("--only", default=",".join((*BASELINES, *ALL)),
                         help="what to count, comma-separated (default: %(default)s)")
+    parser.add_argument("--stages", action="store_true",
+                        help="also count each projection's apply statement up to each stage of its common head")
     args = parser.parse_args(argv)
     chosen = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = set(chosen) - {*BASELINES, *ALL}
@@ -136,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
             counted = measure(server, work, name, setup, prologue, steps)
             print(f"{name:>14}: {counted / events:>9,.0f} instructions/event ({counted:,} over {events:,} events)",
                   flush=True)
+            if args.stages and name not in BASELINES:
+                for stage in STAGES:
+                    setup, prologue, steps = projection_steps(name, args.batches, args.batch_size, stage)
+                    counted = measure(server, work, f"{name}.{stage.replace(', ', '_')}", setup, prologue, steps)
+                    print(f"{'':>14}  up to {stage}: {counted / events:>9,.0f}", flush=True)
     return 0
 
 
