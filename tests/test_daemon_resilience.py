@@ -69,6 +69,13 @@ async def _assert_witness_exactly_once(conn: asyncpg.Connection, upto: int | Non
 # 1. kill -9 at random moments during a long catch-up
 # ---------------------------------------------------------------------------------------------
 
+async def _wait_until_all_past(conn: asyncpg.Connection, position: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while await conn.fetchval("SELECT min(position) FROM pgprojector_projections") < position:
+        assert time.monotonic() < deadline, f"the projections did not all pass position {position} in {timeout} s"
+        await asyncio.sleep(0.005)
+
+
 async def test_kill_9_at_random_moments_during_catch_up_loses_and_duplicates_nothing(dsn, tmp_path):
     seed = _seed()
     rng = random.Random(seed)
@@ -85,15 +92,21 @@ async def test_kill_9_at_random_moments_during_catch_up_loses_and_duplicates_not
 
         settings = {"batch_size": "200", "projections": h.WITH_WITNESS}
         kills = rng.randint(4, 6)
+        # Where each life dies: once every projection has passed a random position of the first 80% of
+        # the log, a random few milliseconds later (mid-transaction or not). Set by progress, not by
+        # the clock: how far a daemon gets in a given time is the machine's speed, and on a fast one
+        # the last lives found it caught up.
+        targets = sorted(rng.sample(range(top // 20, top * 4 // 5), kills))
         previous = {name: 0 for name in h.ALL_WITH_WITNESS}
         killed_mid_catch_up = 0
         progress: list[dict[str, int]] = []
-        for life in range(kills):
+        for life, target in enumerate(targets):
             daemon = h.DaemonProcess(dsn, tmp_path / f"daemon-{life}.log", **settings)
             daemons.append(daemon)
             # Each life gets to apply something, then dies at a random moment, mid-transaction or not.
             await daemon.wait_for_log("batch_applied", timeout=30)
-            await asyncio.sleep(rng.uniform(0.1, 0.8))
+            await _wait_until_all_past(conn, target, timeout=60)
+            await asyncio.sleep(rng.uniform(0, 0.03))
             await daemon.kill9()
             assert daemon.returncode == -signal.SIGKILL
             points = await h.checkpoints(conn)
