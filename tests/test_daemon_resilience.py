@@ -519,7 +519,10 @@ async def test_stop_signal_mid_catch_up_commits_the_batch_in_hand_and_exits_0(ds
     try:
         for name in h.ALL_WITH_WITNESS:  # every projection is busy catching up
             await daemon.wait_for_log("batch_applied", timeout=30, projection=name)
-        await asyncio.sleep(rng.uniform(0.0, 0.5))
+        # A random moment by progress, not by the clock (see the kill -9 test): once every projection has
+        # passed a random position of the first 60% of the log, a random few milliseconds later.
+        await _wait_until_all_past(conn, rng.randrange(top // 20, top * 3 // 5), timeout=60)
+        await asyncio.sleep(rng.uniform(0, 0.03))
         sent = time.monotonic()
         daemon.send(signum)
         code = await daemon.wait_exit(10)
