@@ -69,13 +69,6 @@ async def _assert_witness_exactly_once(conn: asyncpg.Connection, upto: int | Non
 # 1. kill -9 at random moments during a long catch-up
 # ---------------------------------------------------------------------------------------------
 
-async def _wait_until_all_past(conn: asyncpg.Connection, position: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while await conn.fetchval("SELECT min(position) FROM pgprojector_projections") < position:
-        assert time.monotonic() < deadline, f"the projections did not all pass position {position} in {timeout} s"
-        await asyncio.sleep(0.005)
-
-
 async def test_kill_9_at_random_moments_during_catch_up_loses_and_duplicates_nothing(dsn, tmp_path):
     seed = _seed()
     rng = random.Random(seed)
@@ -93,9 +86,9 @@ async def test_kill_9_at_random_moments_during_catch_up_loses_and_duplicates_not
         settings = {"batch_size": "200", "projections": h.WITH_WITNESS}
         kills = rng.randint(4, 6)
         # Where each life dies: once every projection has passed a random position of the first 80% of
-        # the log, a random few milliseconds later (mid-transaction or not). Set by progress, not by
-        # the clock: how far a daemon gets in a given time is the machine's speed, and on a fast one
-        # the last lives found it caught up.
+        # the log, seen by a poll every 0.1 s (so mid-transaction or not). Set by progress, not by the
+        # clock: how far a daemon gets in a given time is the machine's speed, and on a fast one the
+        # last lives found it caught up.
         targets = sorted(rng.sample(range(top // 20, top * 4 // 5), kills))
         previous = {name: 0 for name in h.ALL_WITH_WITNESS}
         killed_mid_catch_up = 0
@@ -105,8 +98,7 @@ async def test_kill_9_at_random_moments_during_catch_up_loses_and_duplicates_not
             daemons.append(daemon)
             # Each life gets to apply something, then dies at a random moment, mid-transaction or not.
             await daemon.wait_for_log("batch_applied", timeout=30)
-            await _wait_until_all_past(conn, target, timeout=60)
-            await asyncio.sleep(rng.uniform(0, 0.03))
+            await h.wait_caught_up(conn, h.ALL_WITH_WITNESS, timeout=60, daemons=[daemon], target=target)
             await daemon.kill9()
             assert daemon.returncode == -signal.SIGKILL
             points = await h.checkpoints(conn)
@@ -520,9 +512,9 @@ async def test_stop_signal_mid_catch_up_commits_the_batch_in_hand_and_exits_0(ds
         for name in h.ALL_WITH_WITNESS:  # every projection is busy catching up
             await daemon.wait_for_log("batch_applied", timeout=30, projection=name)
         # A random moment by progress, not by the clock (see the kill -9 test): once every projection has
-        # passed a random position of the first 60% of the log, a random few milliseconds later.
-        await _wait_until_all_past(conn, rng.randrange(top // 20, top * 3 // 5), timeout=60)
-        await asyncio.sleep(rng.uniform(0, 0.03))
+        # passed a random position of the first 60% of the log.
+        await h.wait_caught_up(conn, h.ALL_WITH_WITNESS, timeout=60, daemons=[daemon],
+                               target=rng.randrange(top // 20, top * 3 // 5))
         sent = time.monotonic()
         daemon.send(signum)
         code = await daemon.wait_exit(10)
