@@ -83,16 +83,15 @@ def projection_steps(name: str, batches: int, batch_size: int,
     setup = statement(f"TRUNCATE {', '.join(projection.tables)}")
     prologue = statement(f"PREPARE apply(bigint, bigint, text[]) AS {APPLY_STATEMENTS[name]}")
     settings = APPLY_SETTINGS.format(batch_bytes=batch_size * BATCH_BYTES_PER_POSITION)
-    steps = []
-    for n in range(batches):
-        apply = f"EXECUTE apply({n * batch_size}, {(n + 1) * batch_size}, {types})"
-        if stage is None:
-            steps.append((apply, "BEGIN;\n\n" + statement(settings) + "{}COMMIT;\n\n"))
-        else:
-            measured = f"EXECUTE stage({n * batch_size}, {(n + 1) * batch_size}, {types})"
-            steps.append((measured, "BEGIN;\n\n" + statement(settings) + "{}" + statement(apply) + "COMMIT;\n\n"))
     if stage is not None:
         prologue += statement(f"PREPARE stage(bigint, bigint, text[]) AS {stage_statement(name, stage)}")
+    steps = []
+    for n in range(batches):
+        arguments = f"({n * batch_size}, {(n + 1) * batch_size}, {types})"
+        # Measured: the statement, or the stage; with a stage, the whole statement follows, uncounted.
+        measured, then = (f"EXECUTE apply{arguments}", "") if stage is None else (
+            f"EXECUTE stage{arguments}", statement(f"EXECUTE apply{arguments}"))
+        steps.append((measured, "BEGIN;\n\n" + statement(settings) + "{}" + then + "COMMIT;\n\n"))
     return setup, prologue, steps
 
 
