@@ -6,6 +6,7 @@ import pytest
 from helpers import run_cli
 
 from pgprojector.errors import ConfigError
+from pgprojector.migrations import latest_version
 from pgprojector.settings import Settings, load_settings
 
 
@@ -67,6 +68,16 @@ def test_dead_database_is_a_clear_error_without_the_password():
 def test_unknown_projection_is_a_clear_error(dsn):
     result = run_cli("migrate", dsn=dsn, projections="orders,nosuch")
     assert result.returncode == 2 and "nosuch" in result.stderr
+
+
+def test_run_on_an_unmigrated_database_is_a_configuration_error(empty_dsn):
+    # Found inside the daemon's task group, where it once left wrapped in an ExceptionGroup: exit 1,
+    # which systemd restarts every few seconds, and a traceback.
+    result = run_cli("run", dsn=empty_dsn, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        "pgprojector: the database schema is at version 0, this pgprojector needs "
+        f"{latest_version()}: run `pgprojector migrate` first")
 
 
 def test_help_names_the_environment_variables():

@@ -160,13 +160,29 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     daemon = Daemon(settings, load_projections(settings.projection_refs))
     try:
         await daemon.run()
-    except ConfigError:
-        raise
     except Exception as exc:
+        # The daemon finds some configuration errors inside its task group (the schema not migrated,
+        # metrics without prometheus-client): unwrapped, they exit with the usage code, which the
+        # service manager does not restart.
+        config_error = _config_error_in(exc)
+        if config_error is not None:
+            raise config_error from None
         structlog.get_logger("pgprojector.daemon").error(
             "daemon_failed", error=db.redact(db.describe_error(exc), settings.require_dsn()), exc_info=True)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _config_error_in(exc: BaseException) -> ConfigError | None:
+    """`exc` if it is a ConfigError, or the first one inside it if it is an ExceptionGroup."""
+    if isinstance(exc, ConfigError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _config_error_in(inner)
+            if found is not None:
+                return found
+    return None
 
 
 async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
