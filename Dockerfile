@@ -31,7 +31,8 @@ USER 10001:10001
 
 # SIGTERM: the daemon finishes the batch in hand, commits and exits 0.
 STOPSIGNAL SIGTERM
-# Healthy while this container's daemon keeps its heartbeat in the database fresh.
-HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 CMD ["pgprojector", "health"]
+# Healthy while this container's daemon (registered under the container's host name) keeps its heartbeat
+# in the database fresh and its projections moving; another container's daemon does not count.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 CMD ["pgprojector", "health", "--this-host"]
 ENTRYPOINT ["pgprojector"]
 CMD ["run"]

@@ -146,7 +146,8 @@ def test_entrypoint_cmd_stopsignal_and_environment(stages: list[Stage]) -> None:
 def test_healthcheck_runs_pgprojector_health_in_exec_form(stages: list[Stage]) -> None:
     healthcheck = stages[-1].last("HEALTHCHECK")
     assert " CMD " in f" {healthcheck.arguments} "
-    assert healthcheck.exec_form() == ["pgprojector", "health"]
+    # --this-host: the container's own daemon, not any daemon on the database (a rolling deploy runs two)
+    assert healthcheck.exec_form() == ["pgprojector", "health", "--this-host"]
 
 
 def _is_command(name: str) -> bool:
@@ -155,10 +156,11 @@ def _is_command(name: str) -> bool:
     return exited.value.code == 0
 
 
-def test_every_command_the_container_files_run_exists(capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_command_the_container_files_run_exists(stages: list[Stage], capsys: pytest.CaptureFixture[str]) -> None:
     assert _is_command("run") and _is_command("migrate")
-    if not _is_command("health"):
-        pytest.skip("the HEALTHCHECK's `pgprojector health` is not in the CLI yet")
+    healthcheck = stages[-1].last("HEALTHCHECK").exec_form()
+    parsed = build_parser().parse_args(healthcheck[1:])
+    assert parsed.command == "health" and parsed.this_host
 
 
 def test_final_stage_installs_the_builders_wheel_with_metrics(stages: list[Stage]) -> None:

@@ -7,6 +7,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -489,6 +490,7 @@ async def test_health_follows_the_daemon_heartbeat(conn, dsn):
             assert time.monotonic() < deadline, healthy.stdout + healthy.stderr
             await anyio.sleep(0.2)
         assert healthy.stdout.startswith("healthy: 1 daemon(s) alive")
+        assert run_ops("health", "--this-host", dsn=dsn).returncode == 0  # the daemon runs on this host
 
         await conn.execute("UPDATE pgprojector_projections SET state = 'halted', halted_at_position = 1, "
                            "last_error = 'boom' WHERE name = 'dashboard'")
@@ -509,6 +511,11 @@ async def test_health_fails_when_a_projection_stops_moving(conn, dsn):
     await conn.execute("INSERT INTO pgprojector_daemons (id, hostname, pid, projections) "
                        "VALUES (gen_random_uuid(), 'elsewhere', 1, ARRAY['orders'])")
     assert run_ops("health", dsn=dsn).returncode == 0  # caught up (an empty log)
+    # A container's HEALTHCHECK: another host's daemon does not make this one healthy.
+    here = run_ops("health", "--this-host", dsn=dsn)
+    assert here.returncode == 1
+    assert here.stdout.strip() == (f"unhealthy: no daemon registered from host {socket.gethostname()}: "
+                                   "is `pgprojector run` running?")
     await EventStore(conn).append("order_1", "order", [NewEvent("OrderCreated", {"order_id": 1})], expected_version=0)
     await conn.execute("UPDATE pgprojector_projections SET updated_at = now() - interval '1 minute'")
     await conn.execute("UPDATE pgprojector_daemons SET heartbeat_at = now()")

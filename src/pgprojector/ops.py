@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -40,7 +41,7 @@ DEFAULT_HEALTH_MAX_AGE = 3 * HEARTBEAT_SECONDS
 MAX_ERROR_TEXT = 2000
 
 
-def register(commands: argparse._SubParsersAction, settings_parent: argparse.ArgumentParser) -> None:
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], settings_parent: argparse.ArgumentParser) -> None:
     """Add the operator commands to `commands`; every one takes the setting flags of `settings_parent`."""
 
     def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
@@ -101,6 +102,9 @@ def register(commands: argparse._SubParsersAction, settings_parent: argparse.Arg
     health.add_argument("--max-age", metavar="SECONDS", type=_positive_float, default=DEFAULT_HEALTH_MAX_AGE,
                         help=f"heartbeat and checkpoint age limit (default {DEFAULT_HEALTH_MAX_AGE:g}: three "
                              "heartbeat intervals)")
+    health.add_argument("--this-host", action="store_true",
+                        help="count only daemons registered from this host name: a container's HEALTHCHECK, "
+                             "which must not pass on another container's daemon")
 
     demo = command("demo", "a self-contained demo on a throwaway PostgreSQL",
                    "Start a private PostgreSQL server (from the demo extra or the system's binaries), run the "
@@ -466,7 +470,7 @@ async def _retry_dead_letters(settings: Settings, args: argparse.Namespace) -> i
 
 _DAEMONS = """
 SELECT hostname, pid, projections, extract(epoch FROM now() - heartbeat_at)::float8 AS age
-FROM pgprojector_daemons ORDER BY heartbeat_at DESC
+FROM pgprojector_daemons WHERE $1::text IS NULL OR hostname = $1 ORDER BY heartbeat_at DESC
 """
 _PROJECTIONS = """
 SELECT p.name, p.state, p.position, p.halted_at_position, p.last_error,
@@ -477,13 +481,14 @@ FROM pgprojector_projections p WHERE p.name = ANY($1::text[]) ORDER BY p.name
 """
 
 
-async def check_health(conn: asyncpg.Connection, max_age: float) -> tuple[bool, str]:
-    """(healthy, a one-line reason)."""
-    daemons = await conn.fetch(_DAEMONS)
+async def check_health(conn: asyncpg.Connection, max_age: float, hostname: str | None = None) -> tuple[bool, str]:
+    """(healthy, a one-line reason); with `hostname`, only the daemons registered from that host count."""
+    daemons = await conn.fetch(_DAEMONS, hostname)
     live = [d for d in daemons if d["age"] <= max_age]
     if not live:
         if not daemons:
-            return False, "no daemon registered: is `pgprojector run` running?"
+            where = f" from host {hostname}" if hostname is not None else ""
+            return False, f"no daemon registered{where}: is `pgprojector run` running?"
         last = daemons[0]
         return False, (f"no daemon alive: the last heartbeat ({last['hostname']} pid {last['pid']}) is "
                        f"{last['age']:.1f}s old, more than {max_age:g}s")
@@ -519,7 +524,7 @@ async def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
     from pgprojector.cli import _with_connection
 
     async def body(conn: asyncpg.Connection) -> int:
-        healthy, reason = await check_health(conn, args.max_age)
+        healthy, reason = await check_health(conn, args.max_age, socket.gethostname() if args.this_host else None)
         print(f"{'healthy' if healthy else 'unhealthy'}: {reason}")
         return EXIT_OK if healthy else EXIT_FAILURE
 
