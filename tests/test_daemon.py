@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from decimal import Decimal
+from pathlib import Path
 
 import anyio
 import asyncpg
@@ -15,6 +16,7 @@ from fold import assert_read_models_match_fold
 
 from pgprojector import EventStore, NewEvent, db
 from pgprojector.daemon import Daemon
+from pgprojector.errors import ConfigError
 from pgprojector.events import RecordedEvent
 from pgprojector.listener import Wakeup
 from pgprojector.migrations import setup_projection
@@ -134,6 +136,43 @@ async def test_projection_defined_outside_the_package(dsn, pool, conn):
         await wait_caught_up(conn, names=["orders", "event_type_counts"])
     counts = dict(await conn.fetch("SELECT event_type, seen FROM event_type_counts"))
     assert counts == {"OrderCreated": 1, "OrderConfirmed": 1}
+
+
+async def test_the_readmes_example_projection_runs(dsn, pool, conn, tmp_path, monkeypatch):
+    """The README's complete custom projection, exactly as printed there, loaded by its `module:attribute`."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Writing a projection", 1)[1]
+    example = section.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "myapp").mkdir()
+    (tmp_path / "myapp" / "__init__.py").write_text("")
+    (tmp_path / "myapp" / "projections.py").write_text(example)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    signups = load_projections(["myapp.projections:signups"])[0]
+    assert signups.event_types == frozenset({"UserSignedUp"})
+    await setup_projection(conn, signups)
+    store = EventStore(pool)
+    for i in range(3):
+        await store.append(f"user_{i}", "user", [NewEvent("UserSignedUp", {"n": i})], expected_version=0)
+    await store.append("order_1", "order", [created(1)], expected_version=0)  # not wanted: passed over
+    worker = ProjectionWorker(pool, signups, batch_size=100, poll_interval=0.1, on_error="halt", max_attempts=1,
+                              stopping=anyio.Event(), wakeup=Wakeup())
+    while not (await worker.apply_next_batch()).caught_up:
+        pass
+    assert [tuple(r) for r in await conn.fetch("SELECT day, signups FROM signups_per_day")] == [
+        (await conn.fetchval("SELECT (created_at AT TIME ZONE 'UTC')::date FROM events WHERE position = 1"), 3)]
+
+
+def test_event_types_is_a_set_of_names():
+    async def handle(conn: asyncpg.Connection, events: list[RecordedEvent]) -> None: ...
+
+    assert Projection(name="p", handle=handle, event_types={"A", "B"}).event_types == frozenset({"A", "B"})
+    with pytest.raises(ConfigError, match="a set of names, not one name"):
+        Projection(name="p", handle=handle, event_types="UserSignedUp")
+    with pytest.raises(ConfigError, match="lowercase identifier"):
+        Projection(name="Signups", handle=handle)
+    with pytest.raises(ConfigError, match="exactly one of handle and handle_range"):
+        Projection(name="p")
 
 
 async def test_open_transaction_on_another_table_does_not_hold_projections_back(dsn, pool, conn):

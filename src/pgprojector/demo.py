@@ -19,6 +19,7 @@ from typing import TextIO
 
 import anyio
 import asyncpg
+from pydantic import SecretStr
 
 from pgprojector import db
 from pgprojector.daemon import Daemon
@@ -71,9 +72,9 @@ class OrderPlan:
 
 
 def plan_order(order_id: int, rng: random.Random) -> OrderPlan:
-    items = [{"name": name, "quantity": rng.randint(1, 3), "price": price}
-             for name, price in rng.sample(DISHES, rng.randint(1, 3))]
-    total = sum((Decimal(item["price"]) * item["quantity"] for item in items), Decimal("2.50"))  # + delivery
+    lines = [(name, rng.randint(1, 3), price) for name, price in rng.sample(DISHES, rng.randint(1, 3))]
+    items = [{"name": name, "quantity": quantity, "price": price} for name, quantity, price in lines]
+    total = sum((Decimal(price) * quantity for _, quantity, price in lines), Decimal("2.50"))  # + delivery
     restaurant_id, restaurant_name = rng.choice(RESTAURANTS)
     life = rng.choices([steps for _, steps in LIVES], weights=[share for share, _ in LIVES])[0]
     events = [NewEvent("OrderCreated", {
@@ -193,7 +194,7 @@ async def run_demo(orders: int = 300, producers: int = 8, out: TextIO = sys.stdo
 
 
 async def _demo(dsn: str, orders: int, producers: int, out: TextIO) -> int:
-    settings = Settings(dsn=dsn, projections=",".join(BUILTIN_PROJECTIONS), channel="events", batch_size=200,
+    settings = Settings(dsn=SecretStr(dsn), projections=",".join(BUILTIN_PROJECTIONS), channel="events", batch_size=200,
                         poll_interval=0.5, on_error="halt")
     projections = load_projections(settings.projection_refs)
     conn = await db.connect(dsn, role="demo")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 
@@ -40,14 +41,15 @@ class Projection:
       the read horizon and holds at most `batch_size` events (it spans `batch_size` positions, or
       reaches the next wanted event when the batch size is one). Give exactly one of `handle` and
       `handle_range`.
-    - `event_types`: the event types it wants (None: all); the others are passed over.
+    - `event_types`: the event types it wants, any set of names (kept as a frozenset; None: all);
+      the others are passed over.
     - `schema`: idempotent DDL (CREATE TABLE IF NOT EXISTS ...) for its own tables, run by `migrate`.
     - `tables`: the tables `rebuild` empties before replaying the log.
     """
 
     name: str
     handle: Handler | None = None
-    event_types: frozenset[str] | None = None
+    event_types: AbstractSet[str] | None = None
     schema: str = ""
     tables: tuple[str, ...] = field(default=())
     handle_range: RangeHandler | None = None
@@ -57,6 +59,8 @@ class Projection:
             raise ConfigError(f"projection name {self.name!r} must be a lowercase identifier")
         if (self.handle is None) == (self.handle_range is None):
             raise ConfigError(f"projection {self.name}: give exactly one of handle and handle_range")
+        if isinstance(self.event_types, str):  # a set of its letters, silently, without this check
+            raise ConfigError(f"projection {self.name}: event_types is a set of names, not one name")
         if self.event_types is not None:
             object.__setattr__(self, "event_types", frozenset(self.event_types))
 
