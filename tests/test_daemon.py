@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from pathlib import Path
@@ -323,6 +323,110 @@ async def test_range_projection_defined_outside_the_package_takes_batches_of_pos
     assert [b.checkpoint for b in batches] == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 21]
     assert [b.applied for b in batches] == [1, 1, 0, 1, 1, 0, 1, 1, 0, 1, 0] and worker.events_applied == 7
     assert dict(await conn.fetch("SELECT user_id, orders FROM created_per_user")) == {0: 2, 1: 3, 2: 2}
+
+
+def _worker(pool: asyncpg.Pool, projection: Projection) -> ProjectionWorker:
+    """Parks an event at its first failure."""
+    return ProjectionWorker(pool, projection, batch_size=100, poll_interval=0.1, on_error="park", max_attempts=1,
+                            stopping=anyio.Event(), wakeup=Wakeup())
+
+
+async def _alter_database(conn: asyncpg.Connection, setting: str, value: str) -> None:
+    """For the connections opened from now on."""
+    database = await conn.fetchval("SELECT quote_ident(current_database())")
+    await conn.execute(f"ALTER DATABASE {database} SET {setting} = '{value}'")
+
+
+async def test_a_repeatable_read_database_default_skips_nothing(dsn, conn):
+    """The batch's transaction reads in a snapshot later than its horizon's, whatever the default
+    isolation: here an append commits while the batch waits for its checkpoint's row lock."""
+    await _alter_database(conn, "default_transaction_isolation", "repeatable read")
+    store = EventStore(conn)
+    await store.append("order_1", "order", [created(1)], expected_version=0)
+    pool = await db.create_pool(dsn, min_size=1, max_size=2)
+    blocker = await db.connect(dsn)
+    try:
+        async with pool.acquire() as probe:
+            assert await probe.fetchval("SHOW default_transaction_isolation") == "repeatable read"
+        worker = _worker(pool, load_projections(["orders"])[0])
+        assert (await worker.apply_next_batch()).checkpoint == 1
+
+        holding = blocker.transaction()
+        await holding.start()
+        await blocker.execute("SELECT FROM pgprojector_projections WHERE name = 'orders' FOR UPDATE")
+        batches: list[object] = []
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(lambda: _append_to(batches, worker.apply_next_batch()))
+            with anyio.fail_after(10):  # the batch's first statement has taken its snapshot and waits
+                while not await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                              "AND query LIKE '%pgprojector_projections%'"):
+                    await anyio.sleep(0.02)
+            await store.append("order_2", "order", [created(2)], expected_version=0)
+            await holding.commit()
+        while not (await worker.apply_next_batch()).caught_up:
+            pass
+    finally:
+        await blocker.close()
+        await pool.close()
+    assert [r["order_id"] for r in await conn.fetch("SELECT order_id FROM read_model_orders ORDER BY 1")] == [1, 2]
+
+
+async def _append_to(results: list[object], awaitable: Awaitable[object]) -> None:
+    results.append(await awaitable)
+
+
+@pytest.mark.parametrize("at_position_1", ["a rolled-back append", "an unwanted event"])
+async def test_a_failing_range_over_no_wanted_event_blames_none(dsn, pool, conn, at_position_1):
+    """A `handle_range` batch of the one position left before the horizon, which holds no wanted
+    event, fails: there is no event to retry, park or halt at (it once crashed the daemon, every
+    projection with it, on looking that event up). It goes again as the next wanted event, here none."""
+    calls = []
+
+    async def apply(conn: asyncpg.Connection, after: int, upto: int) -> None:
+        calls.append((after, upto))
+        raise ValueError("this handler fails")
+
+    projection = Projection(name="fails", handle_range=apply, event_types={"Tick"})
+    await setup_projection(conn, projection)
+    if at_position_1 == "a rolled-back append":
+        rolled_back = conn.transaction()
+        await rolled_back.start()
+        await EventStore(conn).append("stream_1", "stream", [NewEvent("Tick", {})], expected_version=0)
+        await rolled_back.rollback()
+    else:
+        await EventStore(conn).append("stream_1", "stream", [NewEvent("Tock", {})], expected_version=0)
+    worker = _worker(pool, projection)
+    assert await worker.step() is None and calls == [(0, 1)]
+    again = await worker.step()
+    assert again is not None and again.caught_up and again.checkpoint == 1 and calls == [(0, 1)]
+    assert await conn.fetchval("SELECT count(*) FROM pgprojector_dead_letters") == 0
+    assert await conn.fetchval("SELECT state FROM pgprojector_projections WHERE name = 'fails'") == "running"
+
+
+async def test_a_lock_timeout_is_waited_out_not_blamed_on_the_event(dsn, conn):
+    """A read model locked by someone else past lock_timeout (a CREATE INDEX, say) says nothing about
+    the event: it is retried as the database's failure, never parked, even at max_attempts 1."""
+    await _alter_database(conn, "lock_timeout", "100ms")
+    await EventStore(conn).append("order_1", "order", [created(1)], expected_version=0)
+    pool = await db.create_pool(dsn, min_size=1, max_size=2)
+    locker = await db.connect(dsn)
+    try:
+        worker = _worker(pool, load_projections(["orders"])[0])
+        holding = locker.transaction()
+        await holding.start()
+        await locker.execute("LOCK TABLE read_model_orders IN SHARE MODE")
+        for _ in range(3):
+            assert await worker.step() is None
+        assert await conn.fetchval("SELECT count(*) FROM pgprojector_dead_letters") == 0
+        assert tuple(await conn.fetchrow("SELECT state, position FROM pgprojector_projections "
+                                         "WHERE name = 'orders'")) == ("running", 0)
+        await holding.rollback()
+        applied = await worker.step()
+        assert applied is not None and applied.applied == 1
+    finally:
+        await locker.close()
+        await pool.close()
+    assert await conn.fetchval("SELECT count(*) FROM read_model_orders") == 1
 
 
 @pytest.mark.parametrize("by_range", [False, True], ids=["handle", "handle_range"])

@@ -9,6 +9,9 @@ import asyncpg
 # Connection lost, server restarting, too many clients, serialization failure or deadlock:
 # none of these say anything about the event being applied.
 TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57")
+# Nor does a lock_timeout (a read model locked by someone else, e.g. a CREATE INDEX): counted
+# against the event, it would park or halt a valid one.
+TRANSIENT_SQLSTATES = ("55P03",)
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
@@ -27,7 +30,7 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, TRANSIENT_ERRORS):
         return True
     sqlstate = getattr(exc, "sqlstate", None)
-    return isinstance(sqlstate, str) and sqlstate[:2] in TRANSIENT_SQLSTATE_CLASSES
+    return isinstance(sqlstate, str) and (sqlstate[:2] in TRANSIENT_SQLSTATE_CLASSES or sqlstate in TRANSIENT_SQLSTATES)
 
 
 def backoff(attempt: int, base: float = 0.1, cap: float = 10.0) -> float:

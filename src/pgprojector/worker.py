@@ -130,7 +130,11 @@ class ProjectionWorker:
         limit = self._isolation_limit or self.batch_size
         sql = queries()
         started = time.perf_counter()
-        async with db.acquire(self.pool) as conn, conn.transaction():
+        # READ COMMITTED whatever the database's default: the read below must see every event the
+        # horizon lets through, so it needs a snapshot taken after the horizon's. Under REPEATABLE
+        # READ the whole transaction keeps the snapshot of its first statement, taken before the
+        # horizon: an appender committing in between is past the horizon but invisible, and skipped.
+        async with db.acquire(self.pool) as conn, conn.transaction(isolation="read_committed"):
             checkpoint = await conn.fetchrow(sql["lock_checkpoint"], self.projection.name)
             if checkpoint is None:
                 raise RuntimeError(f"projection {self.projection.name} is not set up: run `pgprojector migrate`")
@@ -217,18 +221,25 @@ class ProjectionWorker:
 
     async def _on_event_failure(self, failure: EventFailed) -> None:
         error = f"{db.describe_error(failure.cause)}"[:MAX_ERROR_TEXT]
-        if failure.size > 1:
+        event = None
+        if failure.size == 1:
+            async with db.acquire(self.pool) as conn:
+                event = await conn.fetchrow(queries()["event_at"], failure.first)
+            if event is None or (self._types is not None and event["event_type"] not in self._types):
+                # A `handle_range` batch of the one position left before the horizon, which holds no
+                # wanted event (a rolled-back append's hole, say): nothing to blame. It goes again as
+                # a batch of one, which is the next wanted event, wherever it is.
+                event = None
+        if event is None:
             # A batch failed: replay it in halves to find the culprit, committing the good events
             # before it. The half that fails is halved in turn, down to one event: about log2(batch
             # size) failed transactions.
-            self._isolation_limit = failure.size // 2
+            self._isolation_limit = max(1, failure.size // 2)
             self._isolate_until = max(self._isolate_until, failure.last)
             self._log.warning("batch_failed_isolating", first=failure.first, last=failure.last, error=error,
                               next_batch=self._isolation_limit)
             return
         self._attempts += 1
-        async with db.acquire(self.pool) as conn:
-            event = await conn.fetchrow(queries()["event_at"], failure.first)
         context = {"position": event["position"], "event_type": event["event_type"],
                    "aggregate_id": event["aggregate_id"], "version": event["version"], "attempt": self._attempts,
                    "error": error}
