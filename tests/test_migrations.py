@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 import sys
 
+import asyncpg
 from helpers import cli_env, run_cli
 
 from pgprojector import db
@@ -73,3 +74,24 @@ async def test_channel_setting_moves_the_notify_trigger(empty_dsn):
     finally:
         await listener.close()
     assert received == ["orders_feed"]
+
+
+async def test_a_schema_of_its_own_serves_producers_with_any_search_path(empty_dsn):
+    """Migrated into "Event Store", the triggers find their sequence and table by schema, so a
+    producer whose search_path does not name it appends all the same."""
+    owner = await asyncpg.connect(empty_dsn, server_settings={"search_path": '"Event Store"'})
+    try:
+        await owner.execute('CREATE SCHEMA "Event Store"')
+        await db.init_connection(owner)
+        await migrate(owner, "events", load_projections(["orders"]))
+    finally:
+        await owner.close()
+    producer = await db.connect(empty_dsn)
+    try:
+        assert await producer.fetchval("SHOW search_path") == '"$user", public'
+        await producer.execute('INSERT INTO "Event Store".events (aggregate_id, aggregate_type, event_type, data, '
+                               "version) VALUES ('order_1', 'order', 'E', '{}', 1), ('order_1', 'order', 'E', '{}', 2)")
+        assert await producer.fetchval('SELECT max(position) FROM "Event Store".events') == 2
+        assert tuple(await producer.fetchrow('SELECT horizon, drawn FROM "Event Store".pgprojector_horizon()')) == (2, 2)
+    finally:
+        await producer.close()

@@ -237,3 +237,27 @@ async def test_forged_marker_setting_cannot_hide_an_open_appender(dsn, forged):
     finally:
         await producer.close()
         await other.close()
+
+
+async def test_a_producers_temporary_objects_do_not_stand_in_for_the_log(dsn):
+    """The triggers name the log's table and sequence by their schema. Temporary objects come first
+    on a session's search_path: a producer's TEMP SEQUENCE events_position_seq would otherwise hand
+    out positions no horizon covers, and its TEMP TABLE events would pass a version gap."""
+    other = await db.connect(dsn)
+    producer = await db.connect(dsn)
+    try:
+        await other.execute(INSERT, "order_1", "E", "{}", 1)  # position 1
+        schema = await other.fetchval("SELECT relnamespace::regnamespace::text FROM pg_class "
+                                      "WHERE oid = 'events'::regclass")
+        await producer.execute("CREATE TEMP SEQUENCE events_position_seq START 1000; "
+                               "CREATE TEMP TABLE events (aggregate_id TEXT, version BIGINT); "
+                               "INSERT INTO events VALUES ('order_1', 4)")
+        into_the_log = INSERT.replace("INTO events", f"INTO {schema}.events")
+        with pytest.raises(asyncpg.CheckViolationError, match="expected version 2, got 5"):
+            await producer.execute(into_the_log, "order_1", "E", "{}", 5)
+        await producer.execute(into_the_log, "order_1", "E", "{}", 2)
+        assert await other.fetchval("SELECT position FROM events WHERE version = 2") == 2
+        assert tuple(await other.fetchrow("SELECT horizon, drawn FROM pgprojector_horizon()")) == (2, 2)
+    finally:
+        await producer.close()
+        await other.close()

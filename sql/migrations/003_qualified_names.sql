@@ -1,0 +1,70 @@
+-- The insert triggers and the read horizon name every table, sequence and function of ours by its
+-- schema (the schema `events` is in). Unqualified, a name resolves through the search_path of the
+-- session that inserts, where temporary objects come first: a producer's TEMP SEQUENCE
+-- events_position_seq would hand out positions the reader's horizon never covers (events skipped),
+-- and a TEMP TABLE events (or a "$user" schema's own) would stand in for the log in the version
+-- check (a gap accepted, later versions treated as replays). Qualified names cost nothing per row,
+-- where `SET search_path` on the functions would set a setting on every inserted row.
+-- The bodies are those of 001, the names aside.
+DO $migration$
+DECLARE
+    schema_name TEXT := (SELECT n.nspname FROM pg_catalog.pg_class c
+                         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                         WHERE c.oid = 'events'::regclass);
+BEGIN
+    -- %1$I: the schema, as an identifier; %2$L: the sequence's qualified name, as a literal.
+    EXECUTE format($function$
+CREATE OR REPLACE FUNCTION %1$I.events_before_insert_statement() RETURNS trigger
+LANGUAGE plpgsql AS $body$
+DECLARE
+    next_position BIGINT;
+    marker TEXT := pg_catalog.current_setting('pgprojector.in_flight_marker', true);
+BEGIN
+    -- Read the sequence BEFORE any row of this statement draws a position, so
+    -- every position this statement draws is >= next_position. One marker per
+    -- transaction, the lowest, held until its end (see 001).
+    SELECT CASE WHEN is_called THEN last_value + 1 ELSE last_value END
+      INTO next_position FROM %1$I.events_position_seq;
+    IF marker IS NULL OR marker !~ '^[0-9]{1,18}$' OR marker::bigint > next_position THEN
+        marker := next_position::text;
+        PERFORM pg_catalog.set_config('pgprojector.in_flight_marker', marker, true);
+    END IF;
+    PERFORM pg_catalog.pg_advisory_xact_lock_shared(%1$I.pgprojector_marker_key1(marker::bigint),
+                                                    %1$I.pgprojector_marker_key2(marker::bigint));
+    RETURN NULL;
+END
+$body$;
+
+CREATE OR REPLACE FUNCTION %1$I.events_before_insert_row() RETURNS trigger
+LANGUAGE plpgsql AS $body$
+DECLARE
+    current_version BIGINT;
+BEGIN
+    -- Sees rows inserted earlier by the same statement, so a multi-row insert of
+    -- versions 1, 2, 3 of one aggregate passes.
+    SELECT max(e.version) INTO current_version FROM %1$I.events e WHERE e.aggregate_id = NEW.aggregate_id;
+    current_version := coalesce(current_version, 0);
+    IF NEW.version IS NULL OR NEW.version < 1 OR NEW.version > current_version + 1 THEN
+        RAISE EXCEPTION 'aggregate %%: expected version %%, got %%',
+                NEW.aggregate_id, current_version + 1, coalesce(NEW.version::text, 'NULL')
+            USING ERRCODE = 'check_violation',
+                  HINT = 'versions of an aggregate start at 1 and go up by exactly one';
+    END IF;
+    NEW.position := pg_catalog.nextval(%2$L::regclass);
+    RETURN NEW;
+END
+$body$;
+
+CREATE OR REPLACE FUNCTION %1$I.pgprojector_horizon(OUT horizon BIGINT, OUT drawn BIGINT)
+LANGUAGE plpgsql VOLATILE AS $body$
+DECLARE
+    lowest_in_flight BIGINT;
+BEGIN
+    SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END INTO drawn FROM %1$I.events_position_seq;
+    SELECT min(marker) INTO lowest_in_flight FROM %1$I.pgprojector_in_flight_appenders;
+    horizon := least(drawn, lowest_in_flight - 1);
+END
+$body$;
+$function$, schema_name, pg_catalog.format('%I.events_position_seq', schema_name));
+END
+$migration$;
