@@ -10,7 +10,7 @@ import asyncpg
 from helpers import cli_env, run_cli
 
 from pgprojector import db
-from pgprojector.migrations import latest_version, migrate, schema_version
+from pgprojector.migrations import latest_version, migrate, position_cache, schema_version
 from pgprojector.projection import load_projections
 
 TABLES = {"events", "pgprojector_projections", "pgprojector_dead_letters", "pgprojector_daemons",
@@ -95,3 +95,16 @@ async def test_a_schema_of_its_own_serves_producers_with_any_search_path(empty_d
         assert tuple(await producer.fetchrow('SELECT horizon, drawn FROM "Event Store".pgprojector_horizon()')) == (2, 2)
     finally:
         await producer.close()
+
+
+async def test_a_cached_position_sequence_stops_the_daemon_until_migrate_undoes_it(dsn, conn):
+    """With CACHE 20 a session draws positions far below the sequence's last value, which the read
+    horizon takes for the highest drawn: the daemon refuses to start (exit 2, which systemd does not
+    restart), and `migrate` sets CACHE 1 back."""
+    await conn.execute("ALTER SEQUENCE events_position_seq CACHE 20")
+    refused = run_cli("run", dsn=dsn, timeout=60)
+    assert refused.returncode == 2, refused.stderr
+    assert "events_position_seq has CACHE 20" in refused.stderr and "pgprojector migrate" in refused.stderr
+    migrated = run_cli("migrate", dsn=dsn)
+    assert migrated.returncode == 0, migrated.stderr
+    assert await position_cache(conn) == 1

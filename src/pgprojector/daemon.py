@@ -21,7 +21,7 @@ from pgprojector import db, systemd
 from pgprojector.errors import ConfigError
 from pgprojector.listener import Listener, Wakeup
 from pgprojector.metrics import Metrics
-from pgprojector.migrations import latest_version, schema_version, setup_projection
+from pgprojector.migrations import latest_version, position_cache, schema_version, setup_projection
 from pgprojector.projection import Projection
 from pgprojector.retry import backoff, is_transient
 from pgprojector.settings import Settings
@@ -136,6 +136,10 @@ class Daemon:
         if version is None or version < latest_version():
             raise ConfigError(f"the database schema is at version {version or 0}, this pgprojector needs "
                               f"{latest_version()}: run `pgprojector migrate` first")
+        cache = await position_cache(conn)
+        if cache != 1:
+            raise ConfigError(f"events_position_seq has CACHE {cache}, and the read horizon needs CACHE 1 to never "
+                              "skip an event: run `pgprojector migrate`, which sets it back")
         registered = {row["name"] for row in await conn.fetch("SELECT name FROM pgprojector_projections")}
         for projection in self.projections:
             if projection.name not in registered:

@@ -39,6 +39,10 @@ async def migrate(conn: asyncpg.Connection, channel: str, projections: Sequence[
                 await conn.execute("INSERT INTO pgprojector_migrations (version, name) VALUES ($1, $2)", number, name)
             log.info("migration_applied", migration=name)
             applied.append(name)
+        cache = await position_cache(conn)
+        if cache != 1:
+            await conn.execute("ALTER SEQUENCE events_position_seq CACHE 1")
+            log.warning("position_cache_reset", was=cache)
         current = await conn.fetchval(
             "SELECT tgargs FROM pg_trigger WHERE tgrelid = 'events'::regclass AND tgname = 'events_notify'"
         )
@@ -92,6 +96,13 @@ async def schema_version(conn: asyncpg.Connection) -> int | None:
     if not exists:
         return None
     return await conn.fetchval("SELECT max(version) FROM pgprojector_migrations")
+
+
+async def position_cache(conn: asyncpg.Connection) -> int:
+    """How many positions a session of events_position_seq draws ahead. The read horizon needs 1
+    (001 creates it so): it takes the sequence's last value for the highest position drawn, which
+    a session drawing ahead from its own cache would be far from."""
+    return await conn.fetchval("SELECT seqcache FROM pg_sequence WHERE seqrelid = 'events_position_seq'::regclass")
 
 
 def latest_version() -> int:
