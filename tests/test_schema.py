@@ -68,6 +68,20 @@ async def test_gap_after_existing_versions_names_expected_and_given(conn):
     assert await conn.fetchval("SELECT count(*) FROM events") == 2
 
 
+async def test_an_aggregate_keeps_the_type_of_its_first_event(conn):
+    """Or an order's event appended as 'Order' would be one the order projections never see."""
+    await conn.execute(INSERT, "order_1", "OrderCreated", "{}", 1)  # aggregate_type 'order'
+    with pytest.raises(asyncpg.CheckViolationError, match="aggregate order_1: is of type order, not Order") as refused:
+        await conn.execute("INSERT INTO events (aggregate_id, aggregate_type, event_type, data, version) "
+                           "VALUES ('order_1', 'Order', 'OrderConfirmed', '{}', 2)")
+    assert refused.value.sqlstate == "23514"
+    with pytest.raises(asyncpg.CheckViolationError, match="aggregate x: is of type t, not u"):
+        await conn.execute("INSERT INTO events (aggregate_id, aggregate_type, event_type, data, version) VALUES "
+                           "('x', 't', 'E', '{}', 1), ('x', 'u', 'E', '{}', 2)")
+    await conn.execute(INSERT, "order_1", "OrderConfirmed", "{}", 2)
+    assert await conn.fetchval("SELECT array_agg(DISTINCT aggregate_type) FROM events") == ["order"]
+
+
 async def test_multi_row_insert_out_of_order_is_refused_whole(conn):
     with pytest.raises(asyncpg.CheckViolationError):
         await conn.execute(

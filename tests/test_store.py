@@ -48,6 +48,25 @@ async def test_wrong_expected_version_raises_concurrency_error_and_writes_nothin
     assert len(await store.read_stream("order_1")) == 2
 
 
+async def test_another_aggregate_type_is_invalid_not_a_conflict(pool):
+    """Retrying it could never succeed: the aggregate keeps the type of its first event."""
+    store = EventStore(pool)
+    await store.append("order_1", "order", [NewEvent("OrderCreated", {})], expected_version=0)
+    with pytest.raises(InvalidEventError, match="aggregate order_1: is of type order, not Order"):
+        await store.append("order_1", "Order", [NewEvent("OrderConfirmed", {})], expected_version=1)
+    calls = 0
+
+    def decide(history: list[RecordedEvent]) -> list[NewEvent]:
+        nonlocal calls
+        calls += 1
+        return [NewEvent("OrderConfirmed", {})]
+
+    with pytest.raises(InvalidEventError):
+        await store.append_with_retry("order_1", "Order", decide)
+    assert calls == 1
+    assert [e.aggregate_type for e in await store.read_stream("order_1")] == ["order"]
+
+
 async def test_append_is_all_or_nothing(pool):
     store = EventStore(pool)
     await store.append("x", "t", [NewEvent("A", {})], expected_version=0)

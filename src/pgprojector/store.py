@@ -43,7 +43,8 @@ class EventStore:
         """Append `events` as versions expected_version+1...; returns the new version.
 
         All or nothing, in one statement. Raises ConcurrencyError when the aggregate is not at
-        `expected_version` (another writer got there first), InvalidEventError for bad input.
+        `expected_version` (another writer got there first), InvalidEventError for bad input (an
+        aggregate_type other than the aggregate's is refused by the database).
         """
         validate_stream(aggregate_id, aggregate_type)
         if isinstance(expected_version, bool) or not isinstance(expected_version, int) or expected_version < 0:
@@ -72,9 +73,12 @@ class EventStore:
                     raise
                 actual = await conn.fetchval(queries()["current_version"], aggregate_id)
                 raise ConcurrencyError(aggregate_id, expected_version, actual) from None
-            except asyncpg.CheckViolationError:
-                # Raised by the version-contiguity trigger: expected_version is ahead of the stream.
+            except asyncpg.CheckViolationError as exc:
+                # Raised by the insert trigger: expected_version is ahead of the stream, or, with the
+                # stream where it was expected, the aggregate has another aggregate_type.
                 actual = await conn.fetchval(queries()["current_version"], aggregate_id)
+                if actual == expected_version:
+                    raise InvalidEventError(str(exc)) from None
                 raise ConcurrencyError(aggregate_id, expected_version, actual) from None
         return expected_version + len(events)
 

@@ -1,11 +1,18 @@
--- The insert triggers and the read horizon name every table, sequence and function of ours by its
+-- Two things the insert triggers of 001 did not hold producers to.
+--
+-- 1. An aggregate is one stream of one type: every event of an aggregate_id has the aggregate_type
+-- of its first (version 1). The built-in projections read the aggregate_type 'order'; an order's
+-- event appended as 'Order' would be an event of that order they never see, its effect silently
+-- missing from every read model.
+--
+-- 2. The insert triggers and the read horizon name every table, sequence and function of ours by its
 -- schema (the schema `events` is in). Unqualified, a name resolves through the search_path of the
 -- session that inserts, where temporary objects come first: a producer's TEMP SEQUENCE
 -- events_position_seq would hand out positions the reader's horizon never covers (events skipped),
 -- and a TEMP TABLE events (or a "$user" schema's own) would stand in for the log in the version
 -- check (a gap accepted, later versions treated as replays). Qualified names cost nothing per row,
 -- where `SET search_path` on the functions would set a setting on every inserted row.
--- The bodies are those of 001, the names aside.
+-- The bodies are otherwise those of 001.
 DO $migration$
 DECLARE
     schema_name TEXT := (SELECT n.nspname FROM pg_catalog.pg_class c
@@ -39,16 +46,24 @@ CREATE OR REPLACE FUNCTION %1$I.events_before_insert_row() RETURNS trigger
 LANGUAGE plpgsql AS $body$
 DECLARE
     current_version BIGINT;
+    current_type TEXT;
 BEGIN
     -- Sees rows inserted earlier by the same statement, so a multi-row insert of
-    -- versions 1, 2, 3 of one aggregate passes.
-    SELECT max(e.version) INTO current_version FROM %1$I.events e WHERE e.aggregate_id = NEW.aggregate_id;
+    -- versions 1, 2, 3 of one aggregate passes. The latest event, by the index on
+    -- (aggregate_id, version), and its type.
+    SELECT e.version, e.aggregate_type INTO current_version, current_type
+      FROM %1$I.events e WHERE e.aggregate_id = NEW.aggregate_id ORDER BY e.version DESC LIMIT 1;
     current_version := coalesce(current_version, 0);
     IF NEW.version IS NULL OR NEW.version < 1 OR NEW.version > current_version + 1 THEN
         RAISE EXCEPTION 'aggregate %%: expected version %%, got %%',
                 NEW.aggregate_id, current_version + 1, coalesce(NEW.version::text, 'NULL')
             USING ERRCODE = 'check_violation',
                   HINT = 'versions of an aggregate start at 1 and go up by exactly one';
+    END IF;
+    IF current_version > 0 AND NEW.aggregate_type <> current_type THEN
+        RAISE EXCEPTION 'aggregate %%: is of type %%, not %%', NEW.aggregate_id, current_type, NEW.aggregate_type
+            USING ERRCODE = 'check_violation',
+                  HINT = 'every event of an aggregate has the aggregate_type of its first';
     END IF;
     NEW.position := pg_catalog.nextval(%2$L::regclass);
     RETURN NEW;
