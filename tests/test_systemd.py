@@ -133,8 +133,6 @@ async def test_the_daemon_reports_ready_watchdog_and_stopping(
     from pgprojector.projection import load_projections
     from pgprojector.settings import load_settings
 
-    if not hasattr(daemon_module, "systemd"):
-        pytest.skip("the daemon does not call pgprojector.systemd yet")
     address = str(tmp_path / "notify")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
         manager.bind(address)
@@ -161,3 +159,45 @@ async def test_the_daemon_reports_ready_watchdog_and_stopping(
             os.kill(os.getpid(), signal.SIGTERM)  # what systemd sends: KillSignal=SIGTERM
             await until(lambda: any(m.split(b"\n")[0] == b"STOPPING=1" for m in received))
     assert all(b"\n" not in m or m.split(b"\n")[1].startswith(b"STATUS=") for m in received), received
+
+
+async def test_a_first_catch_up_that_moves_extends_the_start_timeout(
+    dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """READY=1 waits for the first catch-up; TimeoutStartSec= must not kill a long one that moves."""
+    from pgprojector import EventStore, NewEvent, db
+    from pgprojector import daemon as daemon_module
+    from pgprojector.projection import Projection
+    from pgprojector.settings import load_settings
+
+    async def slowly(conn: object, events: object) -> None:
+        await anyio.sleep(0.05)
+
+    conn = await db.connect(dsn)
+    try:
+        await EventStore(conn).append("ticks", "clock", [NewEvent("Tick", {}) for _ in range(30)], expected_version=0)
+    finally:
+        await conn.close()
+    monkeypatch.setattr(daemon_module, "START_PROGRESS_SECONDS", 0.2)
+    address = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.bind(address)
+        manager.setblocking(False)
+        monkeypatch.setenv("NOTIFY_SOCKET", address)
+        received: list[bytes] = []
+        daemon = daemon_module.Daemon(load_settings(dsn=dsn, poll_interval=0.1, batch_size=1),
+                                      [Projection(name="slow", handle=slowly, event_types={"Tick"})])
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(daemon.run)
+            with anyio.fail_after(20):
+                while not received or not received[-1].startswith(b"READY=1"):
+                    try:
+                        received.append(manager.recv(4096))
+                    except BlockingIOError:
+                        await anyio.sleep(0.02)
+            daemon.request_stop()
+    extensions = [m for m in received if m.startswith(b"EXTEND_TIMEOUT_USEC=")]
+    assert len(extensions) >= 3, received  # 30 batches of at least 50 ms, a message every 0.2 s
+    applied = [int(m.split(b"STATUS=catching up: ")[1].split(b" ")[0]) for m in extensions]
+    assert all(m.startswith(b"EXTEND_TIMEOUT_USEC=400000\nSTATUS=catching up: ") for m in extensions)
+    assert applied == sorted(set(applied)) and 0 < applied[-1] < 30

@@ -31,6 +31,9 @@ from pgprojector.worker import ProjectionWorker
 log = structlog.get_logger("pgprojector.daemon")
 
 HEARTBEAT_SECONDS = 5.0
+# During the first catch-up, each interval this long that applied events extends systemd's start
+# timeout by twice as much: see _report_ready.
+START_PROGRESS_SECONDS = 30.0
 
 
 class Daemon:
@@ -95,9 +98,22 @@ class Daemon:
         raise RuntimeError(f"side task {name} ended unexpectedly")
 
     async def _report_ready(self) -> None:
-        """READY=1 for systemd once every projection has caught up (or halted) the first time."""
-        for worker in self.workers:
-            await worker.caught_up_once.wait()
+        """READY=1 for systemd once every projection has caught up (or halted) the first time.
+
+        A first catch-up over a long log can outlast the unit's TimeoutStartSec: while it moves,
+        the start timeout is extended (EXTEND_TIMEOUT_USEC), so only one that stalls fails the start.
+        """
+        applied = 0
+        while True:
+            with anyio.move_on_after(START_PROGRESS_SECONDS) as waiting:
+                for worker in self.workers:
+                    await worker.caught_up_once.wait()
+            if not waiting.cancelled_caught:
+                break
+            now_applied = sum(worker.events_applied for worker in self.workers)
+            if now_applied > applied:
+                applied = now_applied
+                systemd.notify_extend_start(2 * START_PROGRESS_SECONDS, f"catching up: {applied} events applied")
         log.info("daemon_ready", projections=[p.name for p in self.projections])
         systemd.notify_ready(f"running {', '.join(p.name for p in self.projections)}")
 

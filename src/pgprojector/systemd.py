@@ -57,6 +57,11 @@ def notify_status(text: str) -> bool:
     return notify(f"STATUS={_one_line(text)}")
 
 
+def notify_extend_start(seconds: float, status: str) -> bool:
+    """Still starting, and making progress: the start timeout ends `seconds` from now at the earliest."""
+    return notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}\nSTATUS={_one_line(status)}")
+
+
 def notify_stopping(status: str | None = None) -> bool:
     """A stop has begun, so systemd reports "deactivating" instead of a hung service."""
     return notify("STOPPING=1" + (f"\nSTATUS={_one_line(status)}" if status else ""))
