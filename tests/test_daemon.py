@@ -429,6 +429,42 @@ async def test_a_lock_timeout_is_waited_out_not_blamed_on_the_event(dsn, conn):
     assert await conn.fetchval("SELECT count(*) FROM read_model_orders") == 1
 
 
+@pytest.mark.parametrize("on_error", ["park", "halt"])
+async def test_an_event_python_cannot_decode_is_parked_or_halted_at_not_a_crash(dsn, pool, conn, on_error):
+    """JSON nested 5000 deep is valid jsonb, and deeper than Python's decoder goes: a `handle`
+    projection's read of it fails. It is found by halving and dealt with like a handler's failure
+    (it once stopped the whole daemon, on every start)."""
+    seen: list[int] = []
+
+    async def handle(conn: asyncpg.Connection, events: list[RecordedEvent]) -> None:
+        seen.extend(event.position for event in events)
+
+    projection = Projection(name="reads_data", handle=handle, event_types={"Tick"})
+    await setup_projection(conn, projection)
+    await EventStore(conn).append("ticks", "clock", [NewEvent("Tick", {"n": n}) for n in range(10)], expected_version=0)
+    await conn.execute("INSERT INTO events (aggregate_id, aggregate_type, event_type, data, version) "
+                       "VALUES ('ticks', 'clock', 'Tick', jsonb_build_object('deep', "
+                       "(repeat('[', 5000) || repeat(']', 5000))::jsonb), 11)")
+    await EventStore(conn).append("ticks", "clock", [NewEvent("Tick", {"n": n}) for n in range(5)], expected_version=11)
+    worker = ProjectionWorker(pool, projection, batch_size=8, poll_interval=0.1, on_error=on_error, max_attempts=2,
+                              stopping=anyio.Event(), wakeup=Wakeup())
+    for _ in range(40):
+        batch = await worker.step()
+        if batch is not None and (batch.caught_up or batch.inactive):
+            break
+    checkpoint = await conn.fetchrow("SELECT position, state, halted_at_position, last_error "
+                                     "FROM pgprojector_projections WHERE name = 'reads_data'")
+    if on_error == "park":
+        assert seen == [*range(1, 11), *range(12, 17)]
+        letter = await conn.fetchrow("SELECT event_position, error FROM pgprojector_dead_letters")
+        assert letter["event_position"] == 11 and "RecursionError" in letter["error"]
+        assert (checkpoint["position"], checkpoint["state"]) == (16, "running")
+    else:
+        assert seen == list(range(1, 11))
+        assert (checkpoint["position"], checkpoint["state"], checkpoint["halted_at_position"]) == (10, "halted", 11)
+        assert "RecursionError" in checkpoint["last_error"]
+
+
 @pytest.mark.parametrize("by_range", [False, True], ids=["handle", "handle_range"])
 async def test_failed_batch_is_halved_down_to_its_bad_event(dsn, pool, conn, by_range):
     """One bad event in a batch of 512: the good events around it commit, each once, in about

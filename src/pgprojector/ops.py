@@ -247,6 +247,9 @@ async def cmd_events(settings: Settings, args: argparse.Namespace) -> int:
     except BrokenPipeError:
         _quiet_broken_pipe()
         return EXIT_OK
+    except RecursionError as exc:
+        raise CommandError(f"an event's data or metadata is JSON nested deeper than Python decodes ({exc}); "
+                           "the events before it print with a smaller --limit, those after it with --after") from None
 
 
 # rebuild -----------------------------------------------------------------------------------------
@@ -378,11 +381,24 @@ class RetryOutcome:
 
 
 _PARKED = """
-SELECT d.id, d.projection, e.id AS event_id, e.aggregate_id, e.aggregate_type, e.event_type, e.data, e.metadata,
-       e.version, d.event_position AS position, e.created_at
-FROM pgprojector_dead_letters d LEFT JOIN events e ON e.position = d.event_position
+SELECT d.id, d.projection, d.event_position AS position
+FROM pgprojector_dead_letters d
 WHERE $1::bigint[] IS NULL OR d.id = ANY($1::bigint[])
 ORDER BY d.event_position, d.id
+"""
+_PARKED_EVENT = """
+SELECT id, aggregate_id, aggregate_type, event_type, data, metadata, version, position, created_at
+FROM events WHERE position = $1
+"""
+# The first event of the same aggregate that the projection applied after the parked one (its
+# checkpoint passed it, and it is not parked itself).
+_APPLIED_AFTER = """
+SELECT e.position, e.version FROM events e
+WHERE e.aggregate_id = $1 AND e.position > $2 AND e.position <= $3
+  AND ($4::text[] IS NULL OR e.event_type = ANY($4::text[]))
+  AND NOT EXISTS (SELECT 1 FROM pgprojector_dead_letters d WHERE d.projection = $5 AND d.event_position = e.position)
+ORDER BY e.position
+LIMIT 1
 """
 
 
@@ -396,7 +412,14 @@ async def retry_dead_letters(conn: asyncpg.Connection, ids: list[int] | None,
         def outcome(applied: bool, detail: str, row: asyncpg.Record = row) -> RetryOutcome:
             return RetryOutcome(row["id"], row["projection"], row["position"], applied, detail)
 
-        if row["event_id"] is None:
+        try:
+            found = await conn.fetchrow(_PARKED_EVENT, row["position"])
+        except Exception as exc:  # data Python cannot decode (JSON nested too deep): this letter only
+            if is_transient(exc) or isinstance(exc, asyncpg.PostgresError):
+                raise
+            outcomes.append(outcome(False, f"cannot read its event: {db.describe_error(exc)}"))
+            continue
+        if found is None:
             outcomes.append(outcome(False, "its event is missing from the log"))
             continue
         try:
@@ -404,7 +427,7 @@ async def retry_dead_letters(conn: asyncpg.Connection, ids: list[int] | None,
         except ConfigError as exc:
             outcomes.append(outcome(False, f"cannot load projection {row['projection']}: {exc}"))
             continue
-        event = RecordedEvent.from_record({**dict(row), "id": row["event_id"]})
+        event = RecordedEvent.from_record(found)
         async with conn.transaction():
             # The daemon's order: checkpoint row first, then the dead letter.
             checkpoint = await conn.fetchrow(queries()["lock_checkpoint"], projection.name)
@@ -424,6 +447,17 @@ async def retry_dead_letters(conn: asyncpg.Connection, ids: list[int] | None,
                 await conn.execute("DELETE FROM pgprojector_dead_letters WHERE id = $1", row["id"])
                 outcomes.append(outcome(True, f"left to the projection, whose checkpoint "
                                               f"({checkpoint['position']}) is before it"))
+                continue
+            later = await conn.fetchrow(
+                _APPLIED_AFTER, event.aggregate_id, event.position, checkpoint["position"],
+                sorted(projection.event_types) if projection.event_types is not None else None, projection.name)
+            if later is not None:
+                # Applied now, it would come after a later version of its aggregate: a projection that
+                # folds (last one wins) would take it for a replay, or undo the later event's effect.
+                outcomes.append(outcome(False, (
+                    f"{event.aggregate_id} v{later['version']} (position {later['position']}) was applied after it, "
+                    f"and v{event.version} cannot follow it: `pgprojector rebuild {projection.name}` applies the "
+                    "log in order again")))
                 continue
             try:
                 async with conn.transaction():

@@ -193,8 +193,17 @@ class ProjectionWorker:
             apply = handle_range(conn, after, upto)
         else:
             assert self.projection.handle is not None
-            events = [RecordedEvent.from_record(row) for row in await conn.fetch(
-                sql["read_batch"], after, horizon, self._types, limit)]
+            try:
+                events = [RecordedEvent.from_record(row) for row in await conn.fetch(
+                    sql["read_batch"], after, horizon, self._types, limit)]
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                # An event Python cannot take in (JSON nested deeper than its decoder goes): the
+                # batch fails as if its handler had, and is halved down to that event, which is then
+                # retried, parked or halted at like any other.
+                first = await conn.fetchval(sql["next_position"], after, horizon, self._types)
+                raise EventFailed(exc, first or after + 1, horizon, limit) from exc
             if not events:
                 return 0, 0, 0, horizon
             count, first, last = len(events), events[0].position, events[-1].position
