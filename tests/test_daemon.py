@@ -429,6 +429,29 @@ async def test_a_lock_timeout_is_waited_out_not_blamed_on_the_event(dsn, conn):
     assert await conn.fetchval("SELECT count(*) FROM read_model_orders") == 1
 
 
+@pytest.mark.parametrize("batch_size", [1, 100])
+@pytest.mark.parametrize("eta", ["2026-02-30T10:00:00Z", "2026-05-01T25:00:00+02:00", "2026-05-01T12:30:00+16:00"])
+async def test_a_time_of_the_right_shape_that_postgresql_refuses_is_parked_whatever_the_batch(
+        dsn, pool, conn, eta, batch_size):
+    """The check passes its shape; the cast refuses it. Refused alone, and refused beside the later
+    confirmation that replaces it, which is the only one the fold casts: the same outcome however
+    the events fall into batches (it was once applied silently in one batch and parked alone)."""
+    store = EventStore(conn)
+    await store.append("order_1", "order", [created(1), confirmed(1, eta=eta), confirmed(1, restaurant_id=4)],
+                       expected_version=0)
+    worker = ProjectionWorker(pool, load_projections(["orders"])[0], batch_size=batch_size, poll_interval=0.1,
+                              on_error="park", max_attempts=1, stopping=anyio.Event(), wakeup=Wakeup())
+    for _ in range(40):
+        batch = await worker.step()
+        if batch is not None and batch.caught_up:
+            break
+    letters = await conn.fetch("SELECT event_position, error FROM pgprojector_dead_letters")
+    assert [letter["event_position"] for letter in letters] == [2]
+    assert letters[0]["error"].startswith("OrderConfirmed at position 2 (order_1 v2): ") and eta in letters[0]["error"]
+    row = await conn.fetchrow("SELECT restaurant_id, current_version FROM read_model_orders WHERE order_id = 1")
+    assert tuple(row) == (4, 3)
+
+
 @pytest.mark.parametrize("on_error", ["park", "halt"])
 async def test_an_event_python_cannot_decode_is_parked_or_halted_at_not_a_crash(dsn, pool, conn, on_error):
     """JSON nested 5000 deep is valid jsonb, and deeper than Python's decoder goes: a `handle`

@@ -506,7 +506,7 @@ async def test_rebuild_parks_or_halts_at_an_event_that_keeps_failing(conn, dsn):
 
     halted = run_ops("rebuild", "flaky", dsn=dsn, on_error="halt", **settings)
     assert halted.returncode == 1
-    assert "projection flaky halted at position 2 (Happened b_1 v1): ValueError: b_1 is not allowed yet" in halted.stderr
+    assert "projection flaky halted: Happened at position 2 (b_1 v1): ValueError: b_1 is not allowed yet" in halted.stderr
     row = await conn.fetchrow("SELECT state, position, halted_at_position FROM pgprojector_projections "
                               "WHERE name = 'flaky'")
     assert tuple(row) == ("halted", 1, 2)

@@ -130,7 +130,13 @@ verdict AS (
 )
 
 -- name: orders_summary
-, max(position) FILTER (WHERE event_type = 'OrderConfirmed') AS confirmed_position,
+-- (The position of a valid OrderConfirmed counts once its estimated_delivery is cast. Every one is
+-- cast here, not only the one folded into the row: the check passes its shape, and a time of that
+-- shape that PostgreSQL refuses (2026-02-30, 25:00, a zone of +16:00) must stop the statement
+-- whatever else the batch holds, as it would alone. Halving the failed batch then finds that event:
+-- the check cannot, PostgreSQL 15 has no error-free cast.)
+, max(CASE WHEN NOT ok OR (data ->> 'estimated_delivery')::timestamptz IS NOT NULL THEN position END)
+      FILTER (WHERE event_type = 'OrderConfirmed') AS confirmed_position,
   max(position) FILTER (WHERE event_type = 'DriverAssigned') AS assigned_position
 
 -- name: orders_apply

@@ -133,14 +133,12 @@ class Rebuild:
                                         self.name)
 
     async def _stopped_by(self, batch: Batch) -> None:
-        row = await self.conn.fetchrow(
-            "SELECT p.state, p.halted_at_position, p.last_error, e.event_type, e.aggregate_id, e.version "
-            "FROM pgprojector_projections p LEFT JOIN events e ON e.position = p.halted_at_position "
-            "WHERE p.name = $1", self.name)
+        row = await self.conn.fetchrow("SELECT state, last_error FROM pgprojector_projections WHERE name = $1",
+                                       self.name)
         if row is not None and row["state"] == "halted":
+            # (the error names the event: its type, position, aggregate and version)
             raise RebuildError(
-                f"projection {self.name} halted at position {row['halted_at_position']} ({row['event_type']} "
-                f"{row['aggregate_id']} v{row['version']}): {row['last_error']}. "
+                f"projection {self.name} halted: {row['last_error']}. "
                 f"Fix the cause, then `pgprojector resume {self.name}` to go on from there, or rebuild again")
         raise RebuildError(f"projection {self.name} was changed by someone else during the rebuild "
                            f"(state now {batch.state or 'gone'}): rebuild stopped")

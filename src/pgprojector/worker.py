@@ -257,6 +257,10 @@ class ProjectionWorker:
             self._log.warning("event_retry", retry_in_s=round(delay, 2), **context)
             await self._sleep(delay)
             return
+        # What the dead letter and `status` keep names the event, as the built-ins' own errors do.
+        if f"at position {event['position']} " not in error:
+            error = (f"{event['event_type']} at position {event['position']} ({event['aggregate_id']} "
+                     f"v{event['version']}): {error}")[:MAX_ERROR_TEXT]
         async with db.acquire(self.pool) as conn, conn.transaction():
             checkpoint = await conn.fetchrow(queries()["lock_checkpoint"], self.projection.name)
             if (checkpoint is None or checkpoint["state"] != self.active_state
