@@ -429,6 +429,36 @@ async def test_a_lock_timeout_is_waited_out_not_blamed_on_the_event(dsn, conn):
     assert await conn.fetchval("SELECT count(*) FROM read_model_orders") == 1
 
 
+async def test_a_batch_longer_than_statement_timeout_is_halved_not_retried_forever(dsn, conn):
+    """A statement_timeout shorter than a whole batch once stalled every projection: the canceled
+    batch was retried as it was. Halved like a failed batch, it goes through in smaller ones."""
+    seen = "CREATE TABLE IF NOT EXISTS slow_seen (position BIGINT PRIMARY KEY)"
+
+    async def apply(conn: asyncpg.Connection, after: int, upto: int) -> None:
+        # 2 ms a position: past the 100 ms timeout above 50 positions
+        await conn.execute("SELECT pg_sleep($1::float8 * 0.002)", upto - after)
+        await conn.execute("INSERT INTO slow_seen SELECT position FROM events WHERE position > $1 AND position <= $2",
+                           after, upto)
+
+    projection = Projection(name="slow", handle_range=apply, schema=seen, tables=("slow_seen",))
+    await setup_projection(conn, projection)
+    await EventStore(conn).append("ticks", "clock", [NewEvent("Tick", {}) for _ in range(200)], expected_version=0)
+    await _alter_database(conn, "statement_timeout", "100ms")
+    pool = await db.create_pool(dsn, min_size=1, max_size=2)
+    try:
+        worker = ProjectionWorker(pool, projection, batch_size=1000, poll_interval=0.1, on_error="halt",
+                                  max_attempts=1, stopping=anyio.Event(), wakeup=Wakeup())
+        for _ in range(40):
+            batch = await worker.step()
+            if batch is not None and batch.caught_up:
+                break
+    finally:
+        await pool.close()
+    assert await conn.fetchval("SELECT position FROM pgprojector_projections WHERE name = 'slow'") == 200
+    assert await conn.fetchval("SELECT count(*) FROM slow_seen") == 200
+    assert await conn.fetchval("SELECT count(*) FROM pgprojector_dead_letters") == 0
+
+
 @pytest.mark.parametrize("batch_size", [1, 100])
 @pytest.mark.parametrize("eta", ["2026-02-30T10:00:00Z", "2026-05-01T25:00:00+02:00", "2026-05-01T12:30:00+16:00"])
 async def test_a_time_of_the_right_shape_that_postgresql_refuses_is_parked_whatever_the_batch(

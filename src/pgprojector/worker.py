@@ -50,6 +50,12 @@ class EventFailed(Exception):
         self.size = size
 
 
+def _too_big(exc: BaseException, size: int) -> bool:
+    """A batch of more than one event canceled, by a statement_timeout most likely: retried as it is,
+    it would time out forever, so it is halved like a failed batch (with the error logged)."""
+    return size > 1 and isinstance(exc, asyncpg.QueryCanceledError)
+
+
 class ProjectionWorker:
     def __init__(
         self,
@@ -197,7 +203,7 @@ class ProjectionWorker:
                 events = [RecordedEvent.from_record(row) for row in await conn.fetch(
                     sql["read_batch"], after, horizon, self._types, limit)]
             except Exception as exc:
-                if is_transient(exc):
+                if is_transient(exc) and not _too_big(exc, limit):
                     raise
                 # An event Python cannot take in (JSON nested deeper than its decoder goes): the
                 # batch fails as if its handler had, and is halved down to that event, which is then
@@ -214,7 +220,7 @@ class ProjectionWorker:
         try:
             applied = await apply
         except Exception as exc:
-            if is_transient(exc):
+            if is_transient(exc) and not _too_big(exc, size):
                 raise
             raise EventFailed(exc, first, last, size) from exc
         if count is None:
