@@ -61,6 +61,24 @@ UPDATE pgprojector_projections
 SET state = 'halted', halted_at_position = $2, last_error = $3, updated_at = now()
 WHERE name = $1
 
+-- name: lock_halted
+SELECT halted_at_position, last_error FROM pgprojector_projections WHERE name = $1 AND state = 'halted' FOR UPDATE
+
+-- name: park_halted_event
+-- `resume --park`: the event the projection halted at, parked with the error it halted on.
+INSERT INTO pgprojector_dead_letters (projection, event_position, event_id, error, attempts)
+SELECT p.name, e.position, e.id, coalesce(p.last_error, 'halted'), 1
+FROM pgprojector_projections p JOIN events e ON e.position = p.halted_at_position
+WHERE p.name = $1
+ON CONFLICT (projection, event_position) DO UPDATE SET error = EXCLUDED.error, parked_at = now()
+RETURNING id
+
+-- name: resume_projection
+-- last_error stays what `status` shows for a parked event ($2), as when the daemon parks one.
+UPDATE pgprojector_projections
+SET state = 'running', halted_at_position = NULL, last_error = $2, updated_at = now()
+WHERE name = $1
+
 -- name: park_event
 INSERT INTO pgprojector_dead_letters (projection, event_position, event_id, error, attempts)
 VALUES ($1, $2, $3, $4, $5)

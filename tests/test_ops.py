@@ -468,6 +468,38 @@ async def test_dead_letters_retry_refuses_an_event_whose_aggregate_moved_on(conn
     assert await conn.fetchval("SELECT count(*) FROM pgprojector_dead_letters") == 0
 
 
+async def test_resume_tries_the_event_again_or_parks_it_with_park(conn, dsn):
+    """An event that can never pass (data that is not a JSON object) halts `orders` for good: `resume`
+    tries it again, `resume --park` parks it and goes on after it."""
+    await conn.execute("INSERT INTO events (aggregate_id, aggregate_type, event_type, data, version) "
+                       "VALUES ('order_1', 'order', 'OrderCreated', '[1, 2]', 1)")
+    created = NewEvent("OrderCreated", {"order_id": 2, "user_id": 7, "user_name": "u", "items": [],
+                                        "total_amount": "3.50", "delivery_address": "a"})
+    await EventStore(conn).append("order_2", "order", [created], expected_version=0)
+    assert run_ops("resume", "orders", dsn=dsn).stderr.strip() == \
+        "pgprojector: projection 'orders' does not exist or is not halted"
+
+    async def halted() -> bool:
+        return (await checkpoints(conn))["orders"] == (0, "halted")
+
+    async with running_daemon(dsn, ["orders"], on_error="halt", max_attempts=1, poll_interval=0.1):
+        await wait_until(halted)
+        again = run_ops("resume", "orders", dsn=dsn)
+        assert again.returncode == 0 and again.stdout.strip() == "projection orders resumed"
+        await wait_until(halted)  # the same event, the same halt
+
+        parked = run_ops("resume", "orders", "--park", dsn=dsn)
+        assert parked.returncode == 0, parked.stderr
+        letter = await conn.fetchrow("SELECT id, event_position, error FROM pgprojector_dead_letters")
+        assert parked.stdout.strip() == (f"projection orders resumed after position 1, whose event is parked as "
+                                         f"dead letter #{letter['id']}")
+        assert letter["event_position"] == 1
+        assert "OrderCreated at position 1 (order_1 v1): data is not a JSON object" in letter["error"]
+        await wait_until(lambda: caught_up(conn, "orders"))
+    assert await conn.fetchval("SELECT array_agg(order_id) FROM read_model_orders") == [2]
+    assert (await checkpoints(conn))["orders"] == (2, "running")
+
+
 async def test_dead_letters_retry_applies_a_built_in_projections_parked_event(conn, dsn):
     """The built-ins apply ranges of positions in SQL; a parked event is retried through the same path."""
     await conn.execute(  # someone wrote order 5 into the read model by hand: its OrderCreated is refused

@@ -16,6 +16,7 @@ from pgprojector import db, ops
 from pgprojector.errors import ConfigError
 from pgprojector.logging import configure_logging
 from pgprojector.settings import Settings, load_settings
+from pgprojector.sqlfiles import queries
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -86,8 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON object")
     resume = command("resume", "resume a halted projection",
                      "Set a halted projection running again from its checkpoint (fix the cause first: the "
-                     "event it halted at is tried again).")
+                     "event it halted at is tried again). With --park, the event it halted at is parked as a "
+                     "dead letter instead and the projection goes on after it: for an event whose data can "
+                     "never pass.")
     resume.add_argument("name", help="projection name")
+    resume.add_argument("--park", action="store_true",
+                        help="park the event it halted at (see `dead-letters`) and go on after it")
     ops.register(commands, parent)
     return parser
 
@@ -210,13 +215,24 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 
 async def cmd_resume(settings: Settings, args: argparse.Namespace) -> int:
     async def body(conn: asyncpg.Connection) -> int:
-        result = await conn.execute(
-            "UPDATE pgprojector_projections SET state = 'running', halted_at_position = NULL, last_error = NULL, "
-            "updated_at = now() "
-            "WHERE name = $1 AND state = 'halted'", args.name)
-        if result == "UPDATE 0":
-            raise CommandError(f"projection {args.name!r} does not exist or is not halted")
-        print(f"projection {args.name} resumed")
+        sql = queries()
+        async with conn.transaction():
+            # The daemon's batches lock this row too: none is half-way while it changes.
+            halted = await conn.fetchrow(sql["lock_halted"], args.name)
+            if halted is None:
+                raise CommandError(f"projection {args.name!r} does not exist or is not halted")
+            if args.park:
+                letter = await conn.fetchval(sql["park_halted_event"], args.name)
+                if letter is None:
+                    raise CommandError(f"the event projection {args.name} halted at (position "
+                                       f"{halted['halted_at_position']}) is not in the log")
+                await conn.execute(sql["save_checkpoint"], args.name, halted["halted_at_position"])
+            await conn.execute(sql["resume_projection"], args.name, halted["last_error"] if args.park else None)
+        if args.park:
+            print(f"projection {args.name} resumed after position {halted['halted_at_position']}, whose event is "
+                  f"parked as dead letter #{letter}")
+        else:
+            print(f"projection {args.name} resumed")
         return EXIT_OK
 
     return await _with_connection(settings, "resume", body)
