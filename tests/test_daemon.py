@@ -482,11 +482,22 @@ async def test_a_time_of_the_right_shape_that_postgresql_refuses_is_parked_whate
     assert tuple(row) == (4, 3)
 
 
+BAD_FOR_PYTHON = {  # (data, metadata) as SQL, and the error expected
+    "nested too deep": ("jsonb_build_object('deep', (repeat('[', 5000) || repeat(']', 5000))::jsonb)", "NULL",
+                        "RecursionError"),
+    "data an array": ("'[1, 2]'", "NULL", "Tick at position 11 (ticks v11): data is not a JSON object"),
+    "metadata a string": ("'{}'", "'\"str\"'", "Tick at position 11 (ticks v11): metadata is neither a JSON object nor NULL"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_FOR_PYTHON))
 @pytest.mark.parametrize("on_error", ["park", "halt"])
-async def test_an_event_python_cannot_decode_is_parked_or_halted_at_not_a_crash(dsn, pool, conn, on_error):
-    """JSON nested 5000 deep is valid jsonb, and deeper than Python's decoder goes: a `handle`
-    projection's read of it fails. It is found by halving and dealt with like a handler's failure
-    (it once stopped the whole daemon, on every start)."""
+async def test_an_event_python_cannot_take_is_parked_or_halted_at_not_a_crash(dsn, pool, conn, on_error, bad):
+    """JSON nested 5000 deep is valid jsonb, and deeper than Python's decoder goes; data that is not an
+    object is not what RecordedEvent promises a handler. A `handle` projection's read of either is
+    found by halving and dealt with like a handler's failure (the first once stopped the whole daemon,
+    on every start)."""
+    data_sql, metadata_sql, expected_error = BAD_FOR_PYTHON[bad]
     seen: list[int] = []
 
     async def handle(conn: asyncpg.Connection, events: list[RecordedEvent]) -> None:
@@ -495,9 +506,8 @@ async def test_an_event_python_cannot_decode_is_parked_or_halted_at_not_a_crash(
     projection = Projection(name="reads_data", handle=handle, event_types={"Tick"})
     await setup_projection(conn, projection)
     await EventStore(conn).append("ticks", "clock", [NewEvent("Tick", {"n": n}) for n in range(10)], expected_version=0)
-    await conn.execute("INSERT INTO events (aggregate_id, aggregate_type, event_type, data, version) "
-                       "VALUES ('ticks', 'clock', 'Tick', jsonb_build_object('deep', "
-                       "(repeat('[', 5000) || repeat(']', 5000))::jsonb), 11)")
+    await conn.execute("INSERT INTO events (aggregate_id, aggregate_type, event_type, data, metadata, version) "
+                       f"VALUES ('ticks', 'clock', 'Tick', {data_sql}, {metadata_sql}, 11)")
     await EventStore(conn).append("ticks", "clock", [NewEvent("Tick", {"n": n}) for n in range(5)], expected_version=11)
     worker = ProjectionWorker(pool, projection, batch_size=8, poll_interval=0.1, on_error=on_error, max_attempts=2,
                               stopping=anyio.Event(), wakeup=Wakeup())
@@ -510,12 +520,12 @@ async def test_an_event_python_cannot_decode_is_parked_or_halted_at_not_a_crash(
     if on_error == "park":
         assert seen == [*range(1, 11), *range(12, 17)]
         letter = await conn.fetchrow("SELECT event_position, error FROM pgprojector_dead_letters")
-        assert letter["event_position"] == 11 and "RecursionError" in letter["error"]
+        assert letter["event_position"] == 11 and expected_error in letter["error"]
         assert (checkpoint["position"], checkpoint["state"]) == (16, "running")
     else:
         assert seen == list(range(1, 11))
         assert (checkpoint["position"], checkpoint["state"], checkpoint["halted_at_position"]) == (10, "halted", 11)
-        assert "RecursionError" in checkpoint["last_error"]
+        assert expected_error in checkpoint["last_error"]
 
 
 @pytest.mark.parametrize("by_range", [False, True], ids=["handle", "handle_range"])

@@ -71,6 +71,15 @@ class RecordedEvent:
     position: int
     created_at: datetime = field(compare=False)
 
+    def shape_problem(self) -> str | None:
+        """What makes this event other than its annotations say, or None. EventStore writes only
+        JSON objects, but any producer can insert an array or a string into `events`."""
+        if not isinstance(self.data, dict):
+            return "data is not a JSON object"
+        if self.metadata is not None and not isinstance(self.metadata, dict):
+            return "metadata is neither a JSON object nor NULL"
+        return None
+
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> RecordedEvent:
         return cls(

@@ -428,6 +428,9 @@ async def retry_dead_letters(conn: asyncpg.Connection, ids: list[int] | None,
             outcomes.append(outcome(False, f"cannot load projection {row['projection']}: {exc}"))
             continue
         event = RecordedEvent.from_record(found)
+        if projection.handle is not None and (problem := event.shape_problem()) is not None:
+            outcomes.append(outcome(False, problem))  # as the daemon's worker refuses it
+            continue
         async with conn.transaction():
             # The daemon's order: checkpoint row first, then the dead letter.
             checkpoint = await conn.fetchrow(queries()["lock_checkpoint"], projection.name)

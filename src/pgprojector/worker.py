@@ -11,6 +11,7 @@ import asyncpg
 import structlog
 
 from pgprojector import db
+from pgprojector.errors import InvalidEventError
 from pgprojector.events import RecordedEvent
 from pgprojector.listener import Wakeup
 from pgprojector.metrics import Metrics
@@ -202,12 +203,16 @@ class ProjectionWorker:
             try:
                 events = [RecordedEvent.from_record(row) for row in await conn.fetch(
                     sql["read_batch"], after, horizon, self._types, limit)]
+                for event in events:  # a handler may rely on RecordedEvent's annotations
+                    if (problem := event.shape_problem()) is not None:
+                        raise InvalidEventError(f"{event.event_type} at position {event.position} "
+                                                f"({event.aggregate_id} v{event.version}): {problem}")
             except Exception as exc:
                 if is_transient(exc) and not _too_big(exc, limit):
                     raise
-                # An event Python cannot take in (JSON nested deeper than its decoder goes): the
-                # batch fails as if its handler had, and is halved down to that event, which is then
-                # retried, parked or halted at like any other.
+                # An event Python cannot take in (JSON nested deeper than its decoder goes, or data
+                # that is not an object): the batch fails as if its handler had, and is halved down
+                # to that event, which is then retried, parked or halted at like any other.
                 first = await conn.fetchval(sql["next_position"], after, horizon, self._types)
                 raise EventFailed(exc, first or after + 1, horizon, limit) from exc
             if not events:
