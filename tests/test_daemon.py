@@ -459,6 +459,37 @@ async def test_a_batch_longer_than_statement_timeout_is_halved_not_retried_forev
     assert await conn.fetchval("SELECT count(*) FROM pgprojector_dead_letters") == 0
 
 
+async def test_a_batch_whose_read_outlasts_statement_timeout_is_halved(dsn, conn, monkeypatch):
+    """The same for a `handle` projection's read of its batch, canceled by the server: the halving
+    needs no query in the transaction the cancel aborted (it once ran one, and the daemon exited)."""
+    from pgprojector.sqlfiles import queries
+
+    read = queries()["read_batch"]
+    # 3 ms a row asked for: past the 100 ms timeout above 33 rows
+    monkeypatch.setitem(queries(), "read_batch", f"SELECT * FROM ({read}) b WHERE (SELECT pg_sleep($4 * 0.003)::text = '')")
+    seen: list[int] = []
+
+    async def handle(conn: asyncpg.Connection, events: list[RecordedEvent]) -> None:
+        seen.extend(event.position for event in events)
+
+    projection = Projection(name="reads", handle=handle)
+    await setup_projection(conn, projection)
+    await EventStore(conn).append("ticks", "clock", [NewEvent("Tick", {}) for _ in range(100)], expected_version=0)
+    await _alter_database(conn, "statement_timeout", "100ms")
+    pool = await db.create_pool(dsn, min_size=1, max_size=2)
+    try:
+        worker = ProjectionWorker(pool, projection, batch_size=100, poll_interval=0.1, on_error="halt",
+                                  max_attempts=1, stopping=anyio.Event(), wakeup=Wakeup())
+        for _ in range(40):
+            batch = await worker.step()
+            if batch is not None and batch.caught_up:
+                break
+    finally:
+        await pool.close()
+    assert seen == list(range(1, 101))
+    assert await conn.fetchval("SELECT position FROM pgprojector_projections WHERE name = 'reads'") == 100
+
+
 @pytest.mark.parametrize("batch_size", [1, 100])
 @pytest.mark.parametrize("eta", ["2026-02-30T10:00:00Z", "2026-05-01T25:00:00+02:00", "2026-05-01T12:30:00+16:00"])
 async def test_a_time_of_the_right_shape_that_postgresql_refuses_is_parked_whatever_the_batch(

@@ -1,9 +1,10 @@
 -- Two things the insert triggers of 001 did not hold producers to.
 --
 -- 1. An aggregate is one stream of one type: every event of an aggregate_id has the aggregate_type
--- of its first (version 1). The built-in projections read the aggregate_type 'order'; an order's
--- event appended as 'Order' would be an event of that order they never see, its effect silently
--- missing from every read model.
+-- of the one before it, so a stream begun after this migration keeps its first event's type. (One
+-- that mixed types before it goes on with its latest.) The built-in projections read the
+-- aggregate_type 'order'; an order's event appended as 'Order' would be an event of that order they
+-- never see, its effect silently missing from every read model.
 --
 -- 2. The insert triggers and the read horizon name every table, sequence and function of ours by its
 -- schema (the schema `events` is in). Unqualified, a name resolves through the search_path of the
@@ -63,7 +64,7 @@ BEGIN
     IF current_version > 0 AND NEW.aggregate_type <> current_type THEN
         RAISE EXCEPTION 'aggregate %%: is of type %%, not %%', NEW.aggregate_id, current_type, NEW.aggregate_type
             USING ERRCODE = 'check_violation',
-                  HINT = 'every event of an aggregate has the aggregate_type of its first';
+                  HINT = 'every event of an aggregate has the aggregate_type of the one before it';
     END IF;
     NEW.position := pg_catalog.nextval(%2$L::regclass);
     RETURN NEW;

@@ -212,8 +212,10 @@ class ProjectionWorker:
                     raise
                 # An event Python cannot take in (JSON nested deeper than its decoder goes, or data
                 # that is not an object): the batch fails as if its handler had, and is halved down
-                # to that event, which is then retried, parked or halted at like any other.
-                first = await conn.fetchval(sql["next_position"], after, horizon, self._types)
+                # to that event, which is then retried, parked or halted at like any other. (A read
+                # the server canceled has aborted the transaction: the halving needs no position.)
+                first = None if isinstance(exc, asyncpg.PostgresError) else await conn.fetchval(
+                    sql["next_position"], after, horizon, self._types)
                 raise EventFailed(exc, first or after + 1, horizon, limit) from exc
             if not events:
                 return 0, 0, 0, horizon
