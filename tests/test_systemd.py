@@ -161,43 +161,53 @@ async def test_the_daemon_reports_ready_watchdog_and_stopping(
     assert all(b"\n" not in m or m.split(b"\n")[1].startswith(b"STATUS=") for m in received), received
 
 
+@pytest.mark.parametrize("stalls", [False, True], ids=["moving", "stalled"])
 async def test_a_first_catch_up_that_moves_extends_the_start_timeout(
-    dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stalls: bool
 ) -> None:
-    """READY=1 waits for the first catch-up; TimeoutStartSec= must not kill a long one that moves."""
+    """READY=1 waits for the first catch-up; TimeoutStartSec= must not kill a long one that moves,
+    and must still end one that applies nothing for START_STALL_SECONDS."""
     from pgprojector import EventStore, NewEvent, db
     from pgprojector import daemon as daemon_module
     from pgprojector.projection import Projection
     from pgprojector.settings import load_settings
 
     async def slowly(conn: object, events: object) -> None:
-        await anyio.sleep(0.05)
+        await anyio.sleep(1.5)  # longer than an interval and than an extension: they must go on through it
 
     conn = await db.connect(dsn)
     try:
-        await EventStore(conn).append("ticks", "clock", [NewEvent("Tick", {}) for _ in range(30)], expected_version=0)
+        await EventStore(conn).append("ticks", "clock", [NewEvent("Tick", {}) for _ in range(3)], expected_version=0)
     finally:
         await conn.close()
     monkeypatch.setattr(daemon_module, "START_PROGRESS_SECONDS", 0.2)
+    if stalls:  # each 1.5 s batch is a stall
+        monkeypatch.setattr(daemon_module, "START_STALL_SECONDS", 0.5)
     address = str(tmp_path / "notify")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
         manager.bind(address)
         manager.setblocking(False)
         monkeypatch.setenv("NOTIFY_SOCKET", address)
-        received: list[bytes] = []
+        received: list[tuple[float, bytes]] = []
         daemon = daemon_module.Daemon(load_settings(dsn=dsn, poll_interval=0.1, batch_size=1),
                                       [Projection(name="slow", handle=slowly, event_types={"Tick"})])
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(daemon.run)
-            with anyio.fail_after(20):
-                while not received or not received[-1].startswith(b"READY=1"):
+            with anyio.fail_after(30):
+                while not received or not received[-1][1].startswith(b"READY=1"):
                     try:
-                        received.append(manager.recv(4096))
+                        received.append((anyio.current_time(), manager.recv(4096)))
                     except BlockingIOError:
                         await anyio.sleep(0.02)
             daemon.request_stop()
-    extensions = [m for m in received if m.startswith(b"EXTEND_TIMEOUT_USEC=")]
-    assert len(extensions) >= 3, received  # 30 batches of at least 50 ms, a message every 0.2 s
-    applied = [int(m.split(b"STATUS=catching up: ")[1].split(b" ")[0]) for m in extensions]
-    assert all(m.startswith(b"EXTEND_TIMEOUT_USEC=400000\nSTATUS=catching up: ") for m in extensions)
-    assert applied == sorted(set(applied)) and 0 < applied[-1] < 30
+    extensions = [(at, m) for at, m in received if m.startswith(b"EXTEND_TIMEOUT_USEC=")]
+    assert all(m.startswith(b"EXTEND_TIMEOUT_USEC=400000\nSTATUS=catching up: ") for _, m in extensions)
+    gaps = [later - earlier for (earlier, _), (later, _) in zip(extensions, extensions[1:], strict=False)]
+    if stalls:  # a message at 0.2 and 0.4 s into each batch, then none until it commits
+        assert len(extensions) >= 3 and max(gaps) >= 1.0, gaps
+        return
+    assert len(extensions) >= 10, received  # 3 batches of 1.5 s, a message every 0.2 s
+    # never longer than an extension (0.4 s) without the next, but for the machine's hiccups
+    assert max(gaps) < 1.0, gaps
+    applied = [int(m.split(b"STATUS=catching up: ")[1].split(b" ")[0]) for _, m in extensions]
+    assert applied == sorted(applied) and applied[0] == 0 and 0 < applied[-1] < 3

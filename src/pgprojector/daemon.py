@@ -31,9 +31,11 @@ from pgprojector.worker import ProjectionWorker
 log = structlog.get_logger("pgprojector.daemon")
 
 HEARTBEAT_SECONDS = 5.0
-# During the first catch-up, each interval this long that applied events extends systemd's start
-# timeout by twice as much: see _report_ready.
+# During the first catch-up, systemd's start timeout is extended every interval this long (by twice
+# as much) for as long as the catch-up applied events within the last START_STALL_SECONDS: see
+# _report_ready.
 START_PROGRESS_SECONDS = 30.0
+START_STALL_SECONDS = 300.0
 
 
 class Daemon:
@@ -100,10 +102,12 @@ class Daemon:
     async def _report_ready(self) -> None:
         """READY=1 for systemd once every projection has caught up (or halted) the first time.
 
-        A first catch-up over a long log can outlast the unit's TimeoutStartSec: while it moves,
-        the start timeout is extended (EXTEND_TIMEOUT_USEC), so only one that stalls fails the start.
+        A first catch-up over a long log can outlast the unit's TimeoutStartSec: while it moves, the
+        start timeout is extended (EXTEND_TIMEOUT_USEC), each extension reaching past the next one,
+        so only a catch-up that applies nothing for START_STALL_SECONDS fails the start. (A single
+        batch may take longer than an interval: the extensions go on through it.)
         """
-        applied = 0
+        applied, moved_at = 0, anyio.current_time()
         while True:
             with anyio.move_on_after(START_PROGRESS_SECONDS) as waiting:
                 for worker in self.workers:
@@ -112,7 +116,8 @@ class Daemon:
                 break
             now_applied = sum(worker.events_applied for worker in self.workers)
             if now_applied > applied:
-                applied = now_applied
+                applied, moved_at = now_applied, anyio.current_time()
+            if anyio.current_time() - moved_at < START_STALL_SECONDS:
                 systemd.notify_extend_start(2 * START_PROGRESS_SECONDS, f"catching up: {applied} events applied")
         log.info("daemon_ready", projections=[p.name for p in self.projections])
         systemd.notify_ready(f"running {', '.join(p.name for p in self.projections)}")
