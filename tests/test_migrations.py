@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 import sys
 
+import anyio
 import asyncpg
 from helpers import cli_env, run_cli
 
@@ -108,3 +109,31 @@ async def test_a_cached_position_sequence_stops_the_daemon_until_migrate_undoes_
     migrated = run_cli("migrate", dsn=dsn)
     assert migrated.returncode == 0, migrated.stderr
     assert await position_cache(conn) == 1
+
+
+async def test_a_daemon_newer_than_the_schema_waits_for_migrate(dsn, conn, monkeypatch):
+    """A rolling deploy that starts the new daemons before `migrate` runs: they wait (the old ones go
+    on), where they once exited 2 and systemd left them stopped. `rebuild` refuses, exit 2."""
+    from pgprojector import EventStore, NewEvent
+    from pgprojector import daemon as daemon_module
+    from pgprojector.settings import load_settings
+
+    latest = latest_version()
+    name = await conn.fetchval("DELETE FROM pgprojector_migrations WHERE version = $1 RETURNING name", latest)
+    await EventStore(conn).append("order_1", "order", [NewEvent("OrderCancelled", {"order_id": 1})], expected_version=0)
+    refused = run_cli("rebuild", "orders", dsn=dsn)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().endswith(f"this pgprojector needs {latest}: run `pgprojector migrate`")
+
+    monkeypatch.setattr(daemon_module, "SCHEMA_WAIT_SECONDS", 0.1)
+    daemon = daemon_module.Daemon(load_settings(dsn=dsn, poll_interval=0.1, on_error="park"), load_projections(["orders"]))
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(daemon.run)
+        await anyio.sleep(1)  # ten looks at the schema
+        assert not daemon.workers  # waiting, not projecting, not exited
+        await conn.execute("INSERT INTO pgprojector_migrations (version, name) VALUES ($1, $2)", latest, name)
+        with anyio.fail_after(20):
+            while await conn.fetchval("SELECT position FROM pgprojector_projections WHERE name = 'orders'") < 1:
+                await anyio.sleep(0.05)
+        daemon.request_stop()
+    assert await conn.fetchval("SELECT count(*) FROM pgprojector_dead_letters") == 1  # it projected: no OrderCreated

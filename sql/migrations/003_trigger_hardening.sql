@@ -1,10 +1,10 @@
 -- Two things the insert triggers of 001 did not hold producers to.
 --
 -- 1. An aggregate is one stream of one type: every event of an aggregate_id has the aggregate_type
--- of the one before it, so a stream begun after this migration keeps its first event's type. (One
--- that mixed types before it goes on with its latest.) The built-in projections read the
--- aggregate_type 'order'; an order's event appended as 'Order' would be an event of that order they
--- never see, its effect silently missing from every read model.
+-- of its first. (A stream that mixed types before this migration may also go on with its latest.)
+-- The built-in projections read the aggregate_type 'order'; an order's event appended as 'Order'
+-- would be an event of that order they never see, its effect silently missing from every read
+-- model.
 --
 -- 2. The insert triggers and the read horizon name every table, sequence and function of ours by its
 -- schema (the schema `events` is in). Unqualified, a name resolves through the search_path of the
@@ -61,10 +61,16 @@ BEGIN
             USING ERRCODE = 'check_violation',
                   HINT = 'versions of an aggregate start at 1 and go up by exactly one';
     END IF;
+    -- The latest event's type is the first's, unless the stream mixed types before this rule: only
+    -- an event of another type than the latest costs a second lookup, of the first.
     IF current_version > 0 AND NEW.aggregate_type <> current_type THEN
-        RAISE EXCEPTION 'aggregate %%: is of type %%, not %%', NEW.aggregate_id, current_type, NEW.aggregate_type
-            USING ERRCODE = 'check_violation',
-                  HINT = 'every event of an aggregate has the aggregate_type of the one before it';
+        SELECT e.aggregate_type INTO current_type
+          FROM %1$I.events e WHERE e.aggregate_id = NEW.aggregate_id AND e.version = 1;
+        IF NEW.aggregate_type IS DISTINCT FROM current_type THEN
+            RAISE EXCEPTION 'aggregate %%: is of type %%, not %%', NEW.aggregate_id, current_type, NEW.aggregate_type
+                USING ERRCODE = 'check_violation',
+                      HINT = 'every event of an aggregate has the aggregate_type of its first';
+        END IF;
     END IF;
     NEW.position := pg_catalog.nextval(%2$L::regclass);
     RETURN NEW;

@@ -18,10 +18,10 @@ import asyncpg
 import structlog
 
 from pgprojector import db, systemd
-from pgprojector.errors import ConfigError
+from pgprojector.errors import ConfigError, SchemaBehindError
 from pgprojector.listener import Listener, Wakeup
 from pgprojector.metrics import Metrics
-from pgprojector.migrations import latest_version, position_cache, schema_version, setup_projection
+from pgprojector.migrations import position_cache, require_current_schema, setup_projection
 from pgprojector.projection import Projection
 from pgprojector.retry import backoff, is_transient
 from pgprojector.settings import Settings
@@ -36,6 +36,8 @@ HEARTBEAT_SECONDS = 5.0
 # _report_ready.
 START_PROGRESS_SECONDS = 30.0
 START_STALL_SECONDS = 300.0
+# How often a daemon whose schema is behind (see _open_pool) looks again.
+SCHEMA_WAIT_SECONDS = 5.0
 
 
 class Daemon:
@@ -125,6 +127,7 @@ class Daemon:
     async def _open_pool(self) -> asyncpg.Pool | None:
         failures = 0
         while not self.stopping.is_set():
+            pool = None
             try:
                 pool = await db.create_pool(self.dsn, role="daemon", min_size=1,
                                             max_size=len(self.projections) + 3, timeout=10)
@@ -134,13 +137,22 @@ class Daemon:
                     await conn.execute(queries()["register_daemon"], self.id, socket.gethostname(), os.getpid(),
                                        [p.name for p in self.projections])
             except Exception as exc:
-                if not is_transient(exc):
+                if pool is not None:
+                    pool.terminate()
+                if isinstance(exc, SchemaBehindError):
+                    # A rolling deploy that starts the new daemons before `migrate`: the old ones go
+                    # on meanwhile (a newer schema serves them), this one waits for it.
+                    delay = SCHEMA_WAIT_SECONDS
+                    log.warning("schema_behind", error=str(exc), retry_in_s=delay)
+                    systemd.notify_status(f"waiting for `pgprojector migrate`: {exc}")
+                elif is_transient(exc):
+                    failures += 1
+                    delay = backoff(failures, base=0.5, cap=30.0)
+                    log.warning("database_unavailable", error=db.describe_error(exc), attempt=failures,
+                                retry_in_s=round(delay, 2))
+                    systemd.notify_status(f"waiting for the database: {db.describe_error(exc)}")
+                else:
                     raise
-                failures += 1
-                delay = backoff(failures, base=0.5, cap=30.0)
-                log.warning("database_unavailable", error=db.describe_error(exc), attempt=failures,
-                            retry_in_s=round(delay, 2))
-                systemd.notify_status(f"waiting for the database: {db.describe_error(exc)}")
                 with anyio.move_on_after(delay):
                     await self.stopping.wait()
                 continue
@@ -153,10 +165,7 @@ class Daemon:
         return None
 
     async def _check_schema(self, conn: asyncpg.Connection) -> None:
-        version = await schema_version(conn)
-        if version is None or version < latest_version():
-            raise ConfigError(f"the database schema is at version {version or 0}, this pgprojector needs "
-                              f"{latest_version()}: run `pgprojector migrate` first")
+        await require_current_schema(conn)
         cache = await position_cache(conn)
         if cache != 1:
             raise ConfigError(f"events_position_seq has CACHE {cache}, and the read horizon needs CACHE 1 to never "

@@ -11,6 +11,11 @@ class ConfigError(PgProjectorError):
     """A missing or invalid setting; the message names the variable."""
 
 
+class SchemaBehindError(ConfigError):
+    """The database was migrated by an older pgprojector: `pgprojector migrate` brings it up to date.
+    (The daemon waits for that, as in a rolling deploy where the new daemons start first.)"""
+
+
 class InvalidEventError(PgProjectorError, ValueError):
     """An event refused before anything was written (bad aggregate id, empty type, data not JSON...)."""
 

@@ -8,6 +8,7 @@ import asyncpg
 import structlog
 
 from pgprojector import sqlfiles
+from pgprojector.errors import ConfigError, SchemaBehindError
 from pgprojector.projection import Projection
 
 log = structlog.get_logger("pgprojector.migrate")
@@ -103,6 +104,17 @@ async def position_cache(conn: asyncpg.Connection) -> int:
     (001 creates it so): it takes the sequence's last value for the highest position drawn, which
     a session drawing ahead from its own cache would be far from."""
     return await conn.fetchval("SELECT seqcache FROM pg_sequence WHERE seqrelid = 'events_position_seq'::regclass")
+
+
+async def require_current_schema(conn: asyncpg.Connection) -> None:
+    """ConfigError if `migrate` never ran here, SchemaBehindError if an older pgprojector's did."""
+    version = await schema_version(conn)
+    if version is None:
+        raise ConfigError(f"the database schema is at version 0, this pgprojector needs {latest_version()}: "
+                          "run `pgprojector migrate` first")
+    if version < latest_version():
+        raise SchemaBehindError(f"the database schema is at version {version}, this pgprojector needs "
+                                f"{latest_version()}: run `pgprojector migrate`")
 
 
 def latest_version() -> int:

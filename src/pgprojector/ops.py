@@ -25,6 +25,7 @@ import structlog
 from pgprojector import db
 from pgprojector.daemon import HEARTBEAT_SECONDS
 from pgprojector.errors import ConfigError
+from pgprojector.migrations import require_current_schema
 from pgprojector.projection import Projection, load_projection, load_projections
 from pgprojector.retry import is_transient
 from pgprojector.settings import Settings
@@ -313,6 +314,7 @@ async def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
     progress = _ProgressBar(projection.name, sys.stderr) if sys.stderr.isatty() else _ProgressLog(projection.name)
 
     async def rebuild_until_signalled(conn: asyncpg.Connection, stopping: anyio.Event) -> int:
+        await require_current_schema(conn)  # as the daemon's worker needs it
         pool = await db.create_pool(settings.require_dsn(), role="rebuild", min_size=1, max_size=2)
         rebuild = Rebuild(conn, pool, projection, batch_size=settings.batch_size, on_error=settings.on_error,
                           max_attempts=settings.max_attempts, channel=settings.channel, restart=args.restart,
