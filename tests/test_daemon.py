@@ -490,6 +490,36 @@ async def test_a_batch_whose_read_outlasts_statement_timeout_is_halved(dsn, conn
     assert await conn.fetchval("SELECT position FROM pgprojector_projections WHERE name = 'reads'") == 100
 
 
+async def test_an_event_whose_read_the_server_fails_is_halted_at(dsn, pool, conn, monkeypatch):
+    """A `handle` projection's read can fail in the server for one event (here a division by zero
+    the test puts in the read; an encoding that cannot translate it is the real-life case). Halved
+    down to a batch of one, the failure names no position: the culprit is the next wanted event,
+    after the unwanted one at position 1 (it once named position 1 and went round forever)."""
+    from pgprojector.sqlfiles import queries
+
+    read = queries()["read_batch"]
+    monkeypatch.setitem(queries(), "read_batch",
+                        f"SELECT * FROM ({read}) b WHERE CASE WHEN b.position = 2 THEN 1 / 0 = 0 ELSE true END")
+
+    async def handle(conn: asyncpg.Connection, events: list[RecordedEvent]) -> None:
+        pass
+
+    projection = Projection(name="ticks", handle=handle, event_types={"Tick"})
+    await setup_projection(conn, projection)
+    await EventStore(conn).append("ticks", "clock", [NewEvent("Other", {}), NewEvent("Tick", {}), NewEvent("Tick", {})],
+                                  expected_version=0)
+    worker = ProjectionWorker(pool, projection, batch_size=100, poll_interval=0.1, on_error="halt", max_attempts=1,
+                              stopping=anyio.Event(), wakeup=Wakeup())
+    for _ in range(20):
+        batch = await worker.step()
+        if batch is not None and (batch.caught_up or batch.inactive):
+            break
+    row = await conn.fetchrow("SELECT position, state, halted_at_position, last_error FROM pgprojector_projections "
+                              "WHERE name = 'ticks'")
+    assert (row["position"], row["state"], row["halted_at_position"]) == (0, "halted", 2)
+    assert row["last_error"].startswith("Tick at position 2 (ticks v2): DivisionByZeroError")
+
+
 @pytest.mark.parametrize("batch_size", [1, 100])
 @pytest.mark.parametrize("eta", ["2026-02-30T10:00:00Z", "2026-05-01T25:00:00+02:00", "2026-05-01T12:30:00+16:00"])
 async def test_a_time_of_the_right_shape_that_postgresql_refuses_is_parked_whatever_the_batch(

@@ -110,6 +110,8 @@ class Daemon:
         batch may take longer than an interval: the extensions go on through it.)
         """
         applied, moved_at = 0, anyio.current_time()
+        # at once too: the unit's TimeoutStartSec may be nearly spent already (waiting for the database)
+        systemd.notify_extend_start(2 * START_PROGRESS_SECONDS, "catching up: 0 events applied")
         while True:
             with anyio.move_on_after(START_PROGRESS_SECONDS) as waiting:
                 for worker in self.workers:

@@ -247,11 +247,15 @@ class ProjectionWorker:
         if failure.size == 1:
             async with db.acquire(self.pool) as conn:
                 event = await conn.fetchrow(queries()["event_at"], failure.first)
-            if event is None or (self._types is not None and event["event_type"] not in self._types):
-                # A `handle_range` batch of the one position left before the horizon, which holds no
-                # wanted event (a rolled-back append's hole, say): nothing to blame. It goes again as
-                # a batch of one, which is the next wanted event, wherever it is.
-                event = None
+                if event is None or (self._types is not None and event["event_type"] not in self._types):
+                    # `first` is only where the batch began (a read the server failed names no
+                    # event): the culprit is the next wanted event up to `last`. There is none when
+                    # a `handle_range` batch of the one position left before the horizon holds no
+                    # wanted event (a rolled-back append's hole, say): nothing to blame, and it goes
+                    # again as a batch of one, the next wanted event wherever it is.
+                    wanted = await conn.fetchval(queries()["next_position"], failure.first - 1, failure.last,
+                                                 self._types)
+                    event = None if wanted is None else await conn.fetchrow(queries()["event_at"], wanted)
         if event is None:
             # A batch failed: replay it in halves to find the culprit, committing the good events
             # before it. The half that fails is halved in turn, down to one event: about log2(batch
@@ -260,6 +264,8 @@ class ProjectionWorker:
             self._isolate_until = max(self._isolate_until, failure.last)
             self._log.warning("batch_failed_isolating", first=failure.first, last=failure.last, error=error,
                               next_batch=self._isolation_limit)
+            if failure.size == 1:  # nothing to blame: should it fail again so, it is not at full speed
+                await self._sleep(self.poll_interval)
             return
         self._attempts += 1
         context = {"position": event["position"], "event_type": event["event_type"],
