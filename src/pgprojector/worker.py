@@ -141,31 +141,42 @@ class ProjectionWorker:
         # horizon lets through, so it needs a snapshot taken after the horizon's. Under REPEATABLE
         # READ the whole transaction keeps the snapshot of its first statement, taken before the
         # horizon: an appender committing in between is past the horizon but invisible, and skipped.
-        async with db.acquire(self.pool) as conn, conn.transaction(isolation="read_committed"):
-            checkpoint = await conn.fetchrow(sql["lock_checkpoint"], self.projection.name)
-            if checkpoint is None:
-                raise RuntimeError(f"projection {self.projection.name} is not set up: run `pgprojector migrate`")
-            if checkpoint["state"] != self.active_state:
-                return Batch(inactive=True, checkpoint=checkpoint["position"], state=checkpoint["state"])
-            position = checkpoint["position"]
-            horizon, drawn = await conn.fetchrow(sql["horizon"])
-            applied, first, last, reached = await self._read_and_apply(conn, position, horizon, limit)
-            # Every event up to `reached` has been applied or passed over; none at or below the
-            # horizon can still appear.
-            new_position = max(position, reached)
-            caught_up = new_position >= horizon
-            if new_position != position:
-                await conn.execute(sql["save_checkpoint"], self.projection.name, new_position)
-            if caught_up and self.on_caught_up is not None:
-                await self.on_caught_up(conn)
+        span: tuple[int, int, int] | None = None  # the batch's first and last position and size, applied
+        try:
+            async with db.acquire(self.pool) as conn, conn.transaction(isolation="read_committed"):
+                checkpoint = await conn.fetchrow(sql["lock_checkpoint"], self.projection.name)
+                if checkpoint is None:
+                    raise RuntimeError(f"projection {self.projection.name} is not set up: run `pgprojector migrate`")
+                if checkpoint["state"] != self.active_state:
+                    return Batch(inactive=True, checkpoint=checkpoint["position"], state=checkpoint["state"])
+                position = checkpoint["position"]
+                horizon, drawn = await conn.fetchrow(sql["horizon"])
+                applied, first, last, reached, size = await self._read_and_apply(conn, position, horizon, limit)
+                span = (first, last, size) if size else None
+                # Every event up to `reached` has been applied or passed over; none at or below the
+                # horizon can still appear.
+                new_position = max(position, reached)
+                caught_up = new_position >= horizon
+                if new_position != position:
+                    await conn.execute(sql["save_checkpoint"], self.projection.name, new_position)
+                if caught_up and self.on_caught_up is not None:
+                    await self.on_caught_up(conn)
+        except Exception as exc:
+            # What fails after the handler returned, at COMMIT (a deferred constraint), fails the batch too.
+            if span is None or isinstance(exc, EventFailed) or is_transient(exc):
+                raise
+            raise EventFailed(exc, *span) from exc
         batch = Batch(applied=applied, caught_up=caught_up, checkpoint=new_position, horizon=horizon,
                       held_back=drawn > horizon)
+        if new_position != position:
+            if self._isolating() and self._attempts:  # the culprit went through when retried: whole batches again
+                self._stop_isolating()
+            self._attempts = 0
         if self._isolating() and new_position >= self._isolate_until:
             self._stop_isolating()
         if applied:
             batch.first, batch.last = first, last
             self.events_applied += applied
-            self._attempts = 0
             elapsed = time.perf_counter() - started
             self.metrics.batch(self.projection.name, applied, elapsed, new_position)
             self._log.info("batch_applied", first=batch.first, last=batch.last, events=applied,
@@ -175,9 +186,10 @@ class ProjectionWorker:
         return batch
 
     async def _read_and_apply(self, conn: asyncpg.Connection, after: int, horizon: int,
-                              limit: int) -> tuple[int, int, int, int]:
+                              limit: int) -> tuple[int, int, int, int, int]:
         """Apply the next batch after `after`, none past `horizon`: (events applied, first and last
-        position of the batch, the position up to which everything has been applied or passed over).
+        position of the batch, the position up to which everything has been applied or passed over,
+        and the batch's size as EventFailed counts it, 0 for no batch).
 
         A `handle` batch is the next `limit` wanted events, read here. A `handle_range` batch is the
         next `limit` positions, which hold at most `limit` events: the handler reads them itself, and
@@ -189,12 +201,12 @@ class ProjectionWorker:
             if limit == 1:  # a batch of one (isolating a failure): exactly the next wanted event
                 upto = await conn.fetchval(sql["next_position"], after, horizon, self._types)
                 if upto is None:
-                    return 0, 0, 0, horizon
+                    return 0, 0, 0, horizon, 0
                 first = upto
             else:
                 upto = min(horizon, after + limit)
                 if upto <= after:
-                    return 0, 0, 0, horizon
+                    return 0, 0, 0, horizon, 0
                 first = after + 1
             count, last, reached, size = None, upto, upto, 1 if limit == 1 else upto - after
             apply = handle_range(conn, after, upto)
@@ -218,7 +230,7 @@ class ProjectionWorker:
                     sql["next_position"], after, horizon, self._types)
                 raise EventFailed(exc, first or after + 1, horizon, limit) from exc
             if not events:
-                return 0, 0, 0, horizon
+                return 0, 0, 0, horizon, 0
             count, first, last = len(events), events[0].position, events[-1].position
             size = count
             # A short read saw everything up to the horizon.
@@ -233,7 +245,7 @@ class ProjectionWorker:
         if count is None:
             count = applied if applied is not None else await conn.fetchval(
                 sql["count_range"], after, upto, self._types)
-        return count, first, last, reached
+        return count, first, last, reached, size
 
     def _isolating(self) -> bool:
         return self._isolation_limit > 0
@@ -284,7 +296,9 @@ class ProjectionWorker:
             checkpoint = await conn.fetchrow(queries()["lock_checkpoint"], self.projection.name)
             if (checkpoint is None or checkpoint["state"] != self.active_state
                     or checkpoint["position"] >= event["position"]):
-                return  # someone else moved it meanwhile
+                self._attempts = 0  # someone else moved it meanwhile: this event is not ours to count
+                self._stop_isolating()
+                return
             if self.on_error == "park":
                 await conn.execute(queries()["park_event"], self.projection.name, event["position"], event["id"],
                                    error, self._attempts)
