@@ -257,17 +257,15 @@ class ProjectionWorker:
         error = f"{db.describe_error(failure.cause)}"[:MAX_ERROR_TEXT]
         event = None
         if failure.size == 1:
+            # The culprit is the first wanted event from `first` up to `last`: `first` is only where
+            # the batch began (a read the server failed names no event). There is none when a
+            # `handle_range` batch of the one position left before the horizon holds no wanted event
+            # (a rolled-back append's hole, say): nothing to blame, and it goes again as a batch of
+            # one, the next wanted event wherever it is.
             async with db.acquire(self.pool) as conn:
-                event = await conn.fetchrow(queries()["event_at"], failure.first)
-                if event is None or (self._types is not None and event["event_type"] not in self._types):
-                    # `first` is only where the batch began (a read the server failed names no
-                    # event): the culprit is the next wanted event up to `last`. There is none when
-                    # a `handle_range` batch of the one position left before the horizon holds no
-                    # wanted event (a rolled-back append's hole, say): nothing to blame, and it goes
-                    # again as a batch of one, the next wanted event wherever it is.
-                    wanted = await conn.fetchval(queries()["next_position"], failure.first - 1, failure.last,
-                                                 self._types)
-                    event = None if wanted is None else await conn.fetchrow(queries()["event_at"], wanted)
+                wanted = await conn.fetchval(queries()["next_position"], failure.first - 1, failure.last, self._types)
+                if wanted is not None:
+                    event = await conn.fetchrow(queries()["event_at"], wanted)
         if event is None:
             # A batch failed: replay it in halves to find the culprit, committing the good events
             # before it. The half that fails is halved in turn, down to one event: about log2(batch
