@@ -388,10 +388,6 @@ FROM pgprojector_dead_letters d
 WHERE $1::bigint[] IS NULL OR d.id = ANY($1::bigint[])
 ORDER BY d.event_position, d.id
 """
-_PARKED_EVENT = """
-SELECT id, aggregate_id, aggregate_type, event_type, data, metadata, version, position, created_at
-FROM events WHERE position = $1
-"""
 # The first event of the same aggregate that the projection applied after the parked one (its
 # checkpoint passed it, and it is not parked itself).
 _APPLIED_AFTER = """
@@ -415,7 +411,8 @@ async def retry_dead_letters(conn: asyncpg.Connection, ids: list[int] | None,
             return RetryOutcome(row["id"], row["projection"], row["position"], applied, detail)
 
         try:
-            found = await conn.fetchrow(_PARKED_EVENT, row["position"])
+            # the worker's read of a batch, here of the one position
+            found = await conn.fetchrow(queries()["read_batch"], row["position"] - 1, row["position"], None, 1)
         except Exception as exc:  # data Python cannot decode (JSON nested too deep): this letter only
             if is_transient(exc) or isinstance(exc, asyncpg.PostgresError):
                 raise
