@@ -325,10 +325,20 @@ async def test_range_projection_defined_outside_the_package_takes_batches_of_pos
     assert dict(await conn.fetch("SELECT user_id, orders FROM created_per_user")) == {0: 2, 1: 3, 2: 2}
 
 
-def _worker(pool: asyncpg.Pool, projection: Projection) -> ProjectionWorker:
-    """Parks an event at its first failure."""
-    return ProjectionWorker(pool, projection, batch_size=100, poll_interval=0.1, on_error="park", max_attempts=1,
-                            stopping=anyio.Event(), wakeup=Wakeup())
+def _worker(pool: asyncpg.Pool, projection: Projection, *, batch_size: int = 100, on_error: str = "park",
+            max_attempts: int = 1, poll_interval: float = 0.1) -> ProjectionWorker:
+    """By default, parks an event at its first failure."""
+    return ProjectionWorker(pool, projection, batch_size=batch_size, poll_interval=poll_interval, on_error=on_error,
+                            max_attempts=max_attempts, stopping=anyio.Event(), wakeup=Wakeup())
+
+
+async def _until_caught_up(worker: ProjectionWorker, steps: int = 200) -> None:
+    """Steps until the worker is caught up or inactive (halted), failing after `steps`."""
+    for _ in range(steps):
+        batch = await worker.step()
+        if batch is not None and (batch.caught_up or batch.inactive):
+            return
+    raise AssertionError("not caught up")
 
 
 async def _alter_database(conn: asyncpg.Connection, setting: str, value: str) -> None:
@@ -446,12 +456,7 @@ async def test_a_batch_longer_than_statement_timeout_is_halved_not_retried_forev
     await _alter_database(conn, "statement_timeout", "100ms")
     pool = await db.create_pool(dsn, min_size=1, max_size=2)
     try:
-        worker = ProjectionWorker(pool, projection, batch_size=1000, poll_interval=0.1, on_error="halt",
-                                  max_attempts=1, stopping=anyio.Event(), wakeup=Wakeup())
-        for _ in range(40):
-            batch = await worker.step()
-            if batch is not None and batch.caught_up:
-                break
+        await _until_caught_up(_worker(pool, projection, batch_size=1000, on_error="halt"), steps=40)
     finally:
         await pool.close()
     assert await conn.fetchval("SELECT position FROM pgprojector_projections WHERE name = 'slow'") == 200
@@ -478,12 +483,7 @@ async def test_a_batch_whose_read_outlasts_statement_timeout_is_halved(dsn, conn
     await _alter_database(conn, "statement_timeout", "100ms")
     pool = await db.create_pool(dsn, min_size=1, max_size=2)
     try:
-        worker = ProjectionWorker(pool, projection, batch_size=100, poll_interval=0.1, on_error="halt",
-                                  max_attempts=1, stopping=anyio.Event(), wakeup=Wakeup())
-        for _ in range(40):
-            batch = await worker.step()
-            if batch is not None and batch.caught_up:
-                break
+        await _until_caught_up(_worker(pool, projection, on_error="halt"), steps=40)
     finally:
         await pool.close()
     assert seen == list(range(1, 101))
@@ -510,30 +510,11 @@ async def test_an_event_whose_read_the_server_fails_is_halted_at(dsn, pool, conn
     await setup_projection(conn, projection)
     await EventStore(conn).append("ticks", "clock", [NewEvent("Other", {}), NewEvent("Tick", {}), NewEvent("Tick", {})],
                                   expected_version=0)
-    worker = ProjectionWorker(pool, projection, batch_size=100, poll_interval=0.1, on_error="halt", max_attempts=1,
-                              stopping=anyio.Event(), wakeup=Wakeup())
-    for _ in range(20):
-        batch = await worker.step()
-        if batch is not None and (batch.caught_up or batch.inactive):
-            break
+    await _until_caught_up(_worker(pool, projection, on_error="halt"), steps=20)
     row = await conn.fetchrow("SELECT position, state, halted_at_position, last_error FROM pgprojector_projections "
                               "WHERE name = 'ticks'")
     assert (row["position"], row["state"], row["halted_at_position"]) == (0, "halted", 2)
     assert row["last_error"].startswith("Tick at position 2 (ticks v2): DivisionByZeroError")
-
-
-def _failing_worker(pool: asyncpg.Pool, projection: Projection, *, batch_size: int, max_attempts: int,
-                    on_error: str = "park") -> ProjectionWorker:
-    return ProjectionWorker(pool, projection, batch_size=batch_size, poll_interval=0.01, on_error=on_error,
-                            max_attempts=max_attempts, stopping=anyio.Event(), wakeup=Wakeup())
-
-
-async def _until_caught_up(worker: ProjectionWorker, steps: int = 200) -> None:
-    for _ in range(steps):
-        batch = await worker.step()
-        if batch is not None and (batch.caught_up or batch.inactive):
-            return
-    raise AssertionError("not caught up")
 
 
 async def test_a_deferred_constraint_failing_at_commit_is_the_batchs_failure(dsn, pool, conn):
@@ -545,7 +526,7 @@ async def test_a_deferred_constraint_failing_at_commit_is_the_batchs_failure(dsn
         "CREATE TABLE IF NOT EXISTS seen_k (position BIGINT PRIMARY KEY, k INT, UNIQUE (k) DEFERRABLE INITIALLY DEFERRED)"))
     await setup_projection(conn, projection)
     await EventStore(conn).append("ticks", "clock", [NewEvent("Tick", {"k": k}) for k in (1, 2, 2, 4)], expected_version=0)
-    await _until_caught_up(_failing_worker(pool, projection, batch_size=100, max_attempts=1))
+    await _until_caught_up(_worker(pool, projection, poll_interval=0.01))
     assert await conn.fetchval("SELECT array_agg(position ORDER BY position) FROM seen_k") == [1, 2, 4]
     letter = await conn.fetchrow("SELECT event_position, error FROM pgprojector_dead_letters")
     assert letter["event_position"] == 3 and "UniqueViolationError" in letter["error"]
@@ -565,7 +546,7 @@ async def test_an_event_that_passes_when_retried_leaves_no_count_behind(dsn, poo
     projection = Projection(name="flaky_once", handle_range=apply, event_types={"Tick"})
     await setup_projection(conn, projection)
     await EventStore(conn).append("ticks", "clock", [NewEvent("Tick", {}) for _ in range(2)], expected_version=0)
-    await _until_caught_up(_failing_worker(pool, projection, batch_size=1, max_attempts=2))
+    await _until_caught_up(_worker(pool, projection, batch_size=1, max_attempts=2, poll_interval=0.01))
     assert await conn.fetchval("SELECT count(*) FROM pgprojector_dead_letters") == 0
     assert await conn.fetchval("SELECT position FROM pgprojector_projections WHERE name = 'flaky_once'") == 2
 
@@ -581,7 +562,7 @@ async def test_once_the_culprit_passes_on_a_retry_the_rest_goes_in_whole_batches
     projection = Projection(name="slow_start", handle_range=apply, event_types={"Tick"})
     await setup_projection(conn, projection)
     await EventStore(conn).append("ticks", "clock", [NewEvent("Tick", {}) for _ in range(64)], expected_version=0)
-    await _until_caught_up(_failing_worker(pool, projection, batch_size=64, max_attempts=3))
+    await _until_caught_up(_worker(pool, projection, batch_size=64, max_attempts=3, poll_interval=0.01))
     assert sizes == [64, 32, 16, 8, 4, 2, 1, 1, 1, 63]
     assert await conn.fetchval("SELECT count(*) FROM pgprojector_dead_letters") == 0
 
@@ -596,12 +577,7 @@ async def test_a_time_of_the_right_shape_that_postgresql_refuses_is_parked_whate
     store = EventStore(conn)
     await store.append("order_1", "order", [created(1), confirmed(1, eta=eta), confirmed(1, restaurant_id=4)],
                        expected_version=0)
-    worker = ProjectionWorker(pool, load_projections(["orders"])[0], batch_size=batch_size, poll_interval=0.1,
-                              on_error="park", max_attempts=1, stopping=anyio.Event(), wakeup=Wakeup())
-    for _ in range(40):
-        batch = await worker.step()
-        if batch is not None and batch.caught_up:
-            break
+    await _until_caught_up(_worker(pool, load_projections(["orders"])[0], batch_size=batch_size), steps=40)
     letters = await conn.fetch("SELECT event_position, error FROM pgprojector_dead_letters")
     assert [letter["event_position"] for letter in letters] == [2]
     assert letters[0]["error"].startswith("OrderConfirmed at position 2 (order_1 v2): ") and eta in letters[0]["error"]
@@ -636,12 +612,7 @@ async def test_an_event_python_cannot_take_is_parked_or_halted_at_not_a_crash(ds
     await conn.execute("INSERT INTO events (aggregate_id, aggregate_type, event_type, data, metadata, version) "
                        f"VALUES ('ticks', 'clock', 'Tick', {data_sql}, {metadata_sql}, 11)")
     await EventStore(conn).append("ticks", "clock", [NewEvent("Tick", {"n": n}) for n in range(5)], expected_version=11)
-    worker = ProjectionWorker(pool, projection, batch_size=8, poll_interval=0.1, on_error=on_error, max_attempts=2,
-                              stopping=anyio.Event(), wakeup=Wakeup())
-    for _ in range(40):
-        batch = await worker.step()
-        if batch is not None and (batch.caught_up or batch.inactive):
-            break
+    await _until_caught_up(_worker(pool, projection, batch_size=8, on_error=on_error, max_attempts=2), steps=40)
     checkpoint = await conn.fetchrow("SELECT position, state, halted_at_position, last_error "
                                      "FROM pgprojector_projections WHERE name = 'reads_data'")
     if on_error == "park":
