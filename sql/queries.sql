@@ -2,10 +2,12 @@
 
 -- name: append_events
 -- One statement for the whole list: one transaction, one NOTIFY, versions
--- expected+1.. in list order (the row trigger checks each against the last).
+-- expected+1.. in list order (the row trigger checks each against the last). The JSON goes as text
+-- and is cast here: whatever jsonb codec the caller's connection has (none, or its own json.dumps)
+-- cannot decide how it is stored.
 INSERT INTO events (aggregate_id, aggregate_type, event_type, data, metadata, version)
-SELECT $1, $2, e.event_type, e.data, e.metadata, $6::bigint + e.n
-FROM unnest($3::text[], $4::jsonb[], $5::jsonb[]) WITH ORDINALITY AS e(event_type, data, metadata, n)
+SELECT $1, $2, e.event_type, e.data::jsonb, e.metadata::jsonb, $6::bigint + e.n
+FROM unnest($3::text[], $4::text[], $5::text[]) WITH ORDINALITY AS e(event_type, data, metadata, n)
 ORDER BY e.n
 RETURNING position
 
@@ -13,12 +15,13 @@ RETURNING position
 SELECT coalesce(max(version), 0) FROM events WHERE aggregate_id = $1
 
 -- name: read_stream
-SELECT id, aggregate_id, aggregate_type, event_type, data, metadata, version, position, created_at
+-- (data and metadata as text, decoded by EventStore: the caller's connection may have any jsonb codec)
+SELECT id, aggregate_id, aggregate_type, event_type, data::text, metadata::text, version, position, created_at
 FROM events WHERE aggregate_id = $1
 ORDER BY version
 
 -- name: read_stream_as_of
-SELECT id, aggregate_id, aggregate_type, event_type, data, metadata, version, position, created_at
+SELECT id, aggregate_id, aggregate_type, event_type, data::text, metadata::text, version, position, created_at
 FROM events WHERE aggregate_id = $1 AND created_at <= $2
 ORDER BY version
 

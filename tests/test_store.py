@@ -197,3 +197,34 @@ async def test_decide_returning_nothing_appends_nothing(pool):
     store = EventStore(pool)
     assert await store.append_with_retry("a", "t", lambda history: []) == 0
     assert await store.read_stream("a") == []
+
+
+@pytest.mark.parametrize("codec", ["none", "json.dumps"])
+async def test_any_asyncpg_pool_will_do_whatever_its_jsonb_codec(dsn, codec):
+    """Users hand EventStore their own pool: a plain one (jsonb as str), or one with asyncpg's usual
+    json.dumps/json.loads codec, which would store a str as a JSON string, not an object."""
+    import json
+
+    import asyncpg
+
+    async def init(conn: asyncpg.Connection) -> None:
+        if codec == "json.dumps":
+            await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+    async with asyncpg.create_pool(dsn, init=init, min_size=1, max_size=2) as users_pool:
+        store = EventStore(users_pool)
+        await store.append("order_1", "order", [NewEvent("OrderCreated", {"order_id": 1}, {"by": "me"})],
+                           expected_version=0)
+        seen: list[list[RecordedEvent]] = []
+
+        def decide(history: list[RecordedEvent]) -> list[NewEvent]:
+            seen.append(history)
+            return [NewEvent("OrderConfirmed", {"order_id": 1})]
+
+        assert await store.append_with_retry("order_1", "order", decide) == 2
+        history = await store.read_stream("order_1")
+        stored = await users_pool.fetch("SELECT jsonb_typeof(data) AS data, jsonb_typeof(metadata) AS metadata"
+                                        " FROM events ORDER BY version")
+    assert [(row["data"], row["metadata"]) for row in stored] == [("object", "object"), ("object", None)]
+    assert [(e.data, e.metadata) for e in history] == [({"order_id": 1}, {"by": "me"}), ({"order_id": 1}, None)]
+    assert seen[0][0].data == {"order_id": 1} and seen[0][0].metadata == {"by": "me"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -24,7 +25,8 @@ _VERSION_CONSTRAINT = "events_aggregate_id_version_key"
 
 
 class EventStore:
-    """Appends to and reads from `events`, through an asyncpg pool (or a single connection)."""
+    """Appends to and reads from `events`, through any asyncpg pool (or a single connection),
+    whatever type codecs it has: the JSON goes to and from the server as text."""
 
     def __init__(self, db: asyncpg.Pool | asyncpg.Connection) -> None:
         self._db = db
@@ -127,4 +129,11 @@ class EventStore:
                 if as_of.tzinfo is None:
                     raise InvalidEventError("as_of must be a timezone-aware datetime")
                 rows = await conn.fetch(queries()["read_stream_as_of"], aggregate_id, as_of)
-        return [RecordedEvent.from_record(row) for row in rows]
+        return [_decoded(row) for row in rows]
+
+
+def _decoded(row: asyncpg.Record) -> RecordedEvent:
+    """A read_stream row, whose data and metadata come as JSON text (see sql/queries.sql)."""
+    metadata = row["metadata"]
+    return RecordedEvent.from_record({**row, "data": json.loads(row["data"]),
+                                      "metadata": None if metadata is None else json.loads(metadata)})
