@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from helpers import run_cli
 
+from pgprojector import db
 from pgprojector.errors import ConfigError
 from pgprojector.migrations import latest_version
 from pgprojector.settings import Settings, load_settings
@@ -63,6 +66,44 @@ def test_dead_database_is_a_clear_error_without_the_password():
     assert result.returncode == 1
     assert "cannot connect" in result.stderr and "127.0.0.1:1" in result.stderr
     assert "s3cretpw" not in result.stderr + result.stdout and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("given", "says"), [
+    ("host=127.0.0.1 user=postgres password=Sekr1tPW dbname=x", "must be a URL"),  # libpq's keyword form
+    ("mysql://admin:Sekr1tPW@127.0.0.1/x", "must be a URL"),
+    ("postgresql://admin:Sekr1tPW@127.0.0.1:abc/x", "port"),
+    ("postgresql://admin:Sekr1tPW@127.0.0.1:99999/x", "port"),
+    ("postgresql://admin:Sekr1tPW/x", "port"),  # @host forgotten: the password reads as the port
+    ("postgresql://admin@127.0.0.1/x?sslmode=bogus&password=Sekr1tPW", "sslmode"),  # refused by asyncpg
+    ("  ", "empty"),
+])
+@pytest.mark.parametrize("command", ["status", "run"])
+def test_a_malformed_dsn_is_a_usage_error_that_never_shows_the_password(command, given, says):
+    """Once a traceback and exit 1 (a ValueError or OverflowError from asyncpg's parser, with the
+    password in it), the keyword form's password in the message, or, for `run`, a retry for ever."""
+    result = run_cli(command, dsn=given, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert says in result.stderr and "PGPROJECTOR_DSN" in result.stderr
+    assert "Sekr1tPW" not in result.stderr + result.stdout and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_redaction_knows_every_form_of_password():
+    for dsn in ("postgresql://u:Sekr1tPW@h/db", "postgresql://u@h/db?sslmode=disable&password=Sekr1tPW",
+                "host=h password=Sekr1tPW dbname=db", "host=h password='Sekr1t PW' dbname=db"):
+        secret = "Sekr1t PW" if "'" in dsn else "Sekr1tPW"
+        assert "Sekr1t" not in db.redact_dsn(dsn)
+        assert "Sekr1t" not in db.redact(f"failed: {secret} (in {dsn})", dsn)
+
+
+def test_a_daemon_that_fails_says_why_not_which_task_group(server):
+    """A database that does not exist: the log line named `ExceptionGroup: unhandled errors in a
+    TaskGroup`, the cause only in the traceback."""
+    result = run_cli("run", dsn=server.dsn_for("pgprojector_no_such_database"), log_format="json", timeout=60)
+    assert result.returncode == 1
+    failed = [json.loads(line) for line in result.stderr.splitlines() if '"daemon_failed"' in line]
+    assert failed and failed[0]["error"].startswith("InvalidCatalogNameError: ")
+    assert "pgprojector_no_such_database" in failed[0]["error"]
 
 
 def test_unknown_projection_is_a_clear_error(dsn):

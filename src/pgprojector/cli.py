@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Awaitable, Callable
+import traceback
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -169,25 +170,26 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         # The daemon finds some configuration errors inside its task group (the schema not migrated,
         # metrics without prometheus-client): unwrapped, they exit with the usage code, which the
         # service manager does not restart.
-        config_error = _config_error_in(exc)
+        causes = list(_leaves(exc))
+        config_error = next((cause for cause in causes if isinstance(cause, ConfigError)), None)
         if config_error is not None:
             raise config_error from None
+        dsn = settings.require_dsn()
+        # (what failed, not the task group that carried it; the traceback redacted like the message)
         structlog.get_logger("pgprojector.daemon").error(
-            "daemon_failed", error=db.redact(db.describe_error(exc), settings.require_dsn()), exc_info=True)
+            "daemon_failed", error=db.redact(db.describe_error(causes[0]), dsn),
+            exception=db.redact("".join(traceback.format_exception(exc)), dsn))
         return EXIT_FAILURE
     return EXIT_OK
 
 
-def _config_error_in(exc: BaseException) -> ConfigError | None:
-    """`exc` if it is a ConfigError, or the first one inside it if it is an ExceptionGroup."""
-    if isinstance(exc, ConfigError):
-        return exc
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, or the exceptions inside it if it is an ExceptionGroup (depth first)."""
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
-            found = _config_error_in(inner)
-            if found is not None:
-                return found
-    return None
+            yield from _leaves(inner)
+    else:
+        yield exc
 
 
 async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:

@@ -4,33 +4,62 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import asyncpg
 
+from pgprojector.errors import ConfigError
 from pgprojector.retry import is_transient
 
 APPLICATION_NAME = "pgprojector"
 _PASSWORD_IN_URL = re.compile(r"(?P<head>^[a-zA-Z][\w+.-]*://[^:/@]*:)(?P<password>[^@]*)(?P<tail>@)")
 _PASSWORD_PARAM = re.compile(r"(?P<head>[?&]password=)(?P<password>[^&]*)", re.IGNORECASE)
+# The libpq keyword form (host=... password=...), which is refused (dsn_problem) but must not be echoed.
+_PASSWORD_KEYWORD = re.compile(r"(?P<head>(?:^|\s)password\s*=\s*)(?P<password>'(?:[^'\\]|\\.)*'|\S*)", re.IGNORECASE)
+_URL_SCHEMES = ("postgresql://", "postgres://")
+
+
+def dsn_problem(dsn: str) -> str | None:
+    """What makes `dsn` no PostgreSQL URL that asyncpg can take, or None; never quoting any part of it
+    (in `user:password/db`, a forgotten `@host` makes the password read as the port)."""
+    if not dsn.strip():
+        return "is empty"
+    if not dsn.startswith(_URL_SCHEMES):
+        return ("must be a URL, postgresql://user:password@host:port/database (not the libpq keyword form "
+                "host=... dbname=...)")
+    authority = re.split(r"[/?]", dsn.split("://", 1)[1], maxsplit=1)[0]
+    hosts = authority.rpartition("@")[2]
+    for host in hosts.split(","):
+        port = host.rpartition("]")[2] if host.startswith("[") else host
+        if ":" in port:
+            digits = port.rpartition(":")[2]
+            if digits and not (digits.isascii() and digits.isdigit() and 1 <= int(digits) <= 65535):
+                return ("has a port that is not a number from 1 to 65535 (a password goes between the user and "
+                        "@host: postgresql://user:password@host:port/database)")
+    return None
 
 
 def redact_dsn(dsn: str) -> str:
     """The DSN with any password replaced by ***."""
     dsn = _PASSWORD_IN_URL.sub(r"\g<head>***\g<tail>", dsn)
-    return _PASSWORD_PARAM.sub(r"\g<head>***", dsn)
+    dsn = _PASSWORD_PARAM.sub(r"\g<head>***", dsn)
+    return _PASSWORD_KEYWORD.sub(r"\g<head>***", dsn)
 
 
 def redact(text: str, dsn: str | None) -> str:
     """`text` with the DSN's password (if any) removed, for error messages built from driver errors."""
     if not dsn:
         return text
-    for pattern in (_PASSWORD_IN_URL, _PASSWORD_PARAM):
+    for pattern in (_PASSWORD_IN_URL, _PASSWORD_PARAM, _PASSWORD_KEYWORD):
         match = pattern.search(dsn)
-        if match and match.group("password"):
-            text = text.replace(match.group("password"), "***")
+        password = match.group("password") if match else ""
+        if password.startswith("'"):  # the keyword form's quoting; a driver's message shows the value
+            text = text.replace(password, "***")
+            password = password[1:-1].replace("\\'", "'").replace("\\\\", "\\")
+        if password:
+            text = text.replace(password, "***")
     return text.replace(dsn, redact_dsn(dsn))
 
 
@@ -61,15 +90,27 @@ def _server_settings(role: str) -> dict[str, str]:
 
 
 async def connect(dsn: str, role: str = "", **kwargs: Any) -> asyncpg.Connection:
-    conn = await asyncpg.connect(dsn, server_settings=_server_settings(role), **kwargs)
+    with _dsn_refused(dsn):
+        conn = await asyncpg.connect(dsn, server_settings=_server_settings(role), **kwargs)
     await init_connection(conn)
     return conn
 
 
 async def create_pool(dsn: str, role: str = "", **kwargs: Any) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(dsn, server_settings=_server_settings(role), init=init_connection, **kwargs)
+    with _dsn_refused(dsn):
+        pool = await asyncpg.create_pool(dsn, server_settings=_server_settings(role), init=init_connection, **kwargs)
     assert pool is not None
     return pool
+
+
+@contextmanager
+def _dsn_refused(dsn: str) -> Iterator[None]:
+    """asyncpg's refusal of a DSN's parameters (sslmode=bogus, say) is a configuration error: exit 2,
+    never a database to wait for."""
+    try:
+        yield
+    except asyncpg.ClientConfigurationError as exc:
+        raise ConfigError(f"PGPROJECTOR_DSN: {redact(describe_error(exc), dsn)}") from None
 
 
 def describe_error(exc: BaseException) -> str:

@@ -27,6 +27,8 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, asyncpg.ClientConfigurationError):  # an InterfaceError, but the DSN's: waiting won't help
+        return False
     if isinstance(exc, TRANSIENT_ERRORS):
         return True
     sqlstate = getattr(exc, "sqlstate", None)

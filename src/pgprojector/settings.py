@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pgprojector.db import dsn_problem
 from pgprojector.errors import ConfigError
 
 BUILTIN_PROJECTIONS = ("orders", "dashboard", "analytics")
@@ -40,6 +41,14 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] = Field(default_factory=_default_log_format, description="log output")
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="log level")
     metrics_port: int | None = Field(default=None, ge=1, le=65535, description="Prometheus endpoint port (off if unset)")
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn_is_url(cls, value: SecretStr | None) -> SecretStr | None:
+        problem = None if value is None else dsn_problem(value.get_secret_value())
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @field_validator("channel")
     @classmethod
@@ -84,5 +93,5 @@ def load_settings(**overrides: object) -> Settings:
         for error in exc.errors():
             field = str(error["loc"][0]) if error["loc"] else "?"
             value = "<hidden>" if field == "dsn" else repr(error.get("input"))
-            problems.append(f"PGPROJECTOR_{field.upper()}={value}: {error['msg']}")
+            problems.append(f"PGPROJECTOR_{field.upper()}={value}: {error['msg'].removeprefix('Value error, ')}")
         raise ConfigError("invalid setting: " + "; ".join(problems)) from None
