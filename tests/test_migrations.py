@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 
 import anyio
 import asyncpg
+import pytest
+from fold import assert_read_models_match_fold
 from helpers import cli_env, run_cli
 
-from pgprojector import db
+from pgprojector import EventStore, db
 from pgprojector.migrations import latest_version, migrate, position_cache, schema_version
 from pgprojector.projection import load_projections
 
@@ -137,3 +141,89 @@ async def test_a_daemon_newer_than_the_schema_waits_for_migrate(dsn, conn, monke
                 await anyio.sleep(0.05)
         daemon.request_stop()
     assert await conn.fetchval("SELECT count(*) FROM pgprojector_dead_letters") == 1  # it projected: no OrderCreated
+
+
+# The seed's schema (../shared/seed), as a team that built on it has it: `events` without `position`,
+# and its orders read model.
+SEED_SCHEMA = """
+CREATE TABLE events (
+    id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+    aggregate_id VARCHAR(100) NOT NULL,
+    aggregate_type VARCHAR(50) NOT NULL,
+    event_type VARCHAR(100) NOT NULL,
+    data JSONB NOT NULL,
+    metadata JSONB,
+    version BIGINT NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+    UNIQUE (aggregate_id, version)
+);
+CREATE INDEX idx_events_aggregate ON events(aggregate_id, version);
+CREATE INDEX idx_events_type ON events(event_type);
+CREATE INDEX idx_events_created ON events(created_at);
+CREATE INDEX idx_events_aggregate_time ON events(aggregate_id, created_at);
+CREATE TABLE read_model_orders (
+    order_id BIGINT PRIMARY KEY, user_id BIGINT NOT NULL, restaurant_id BIGINT, status VARCHAR(50) NOT NULL,
+    items JSONB NOT NULL, total_amount DECIMAL(10,2), delivery_address TEXT, created_at TIMESTAMPTZ NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL, current_version BIGINT NOT NULL, user_name VARCHAR(100),
+    restaurant_name VARCHAR(100), driver_name VARCHAR(100), estimated_delivery TIMESTAMPTZ
+);
+CREATE INDEX idx_orders_user ON read_model_orders(user_id);
+CREATE INDEX idx_orders_status ON read_model_orders(status);
+CREATE INDEX idx_orders_created ON read_model_orders(created_at DESC);
+"""
+
+
+async def test_migrate_adopts_a_database_made_from_the_seed_schema(empty_dsn):
+    """It failed on `column "position" does not exist`: CREATE TABLE IF NOT EXISTS kept the seed's
+    table. Its events get positions that keep each order's versions in order, even where a later
+    version's created_at (its transaction's start) is the earlier one."""
+    from test_daemon import confirmed, created, running_daemon, simple, wait_caught_up
+
+    conn = await db.connect(empty_dsn)
+    try:
+        await conn.execute(SEED_SCHEMA)
+        start = datetime(2026, 5, 1, 10, tzinfo=UTC)
+        rows = [("order_1", created(1), 1, start), ("order_2", created(2), 1, start + timedelta(seconds=30)),
+                # began 5 minutes before its version 1 was appended, and so before order_2's events
+                ("order_1", confirmed(1), 2, start - timedelta(minutes=5)),
+                ("order_2", simple("OrderCancelled", 2, reason="no"), 2, start + timedelta(seconds=40))]
+        await conn.executemany("INSERT INTO events (aggregate_id, aggregate_type, event_type, data, version, created_at)"
+                               " VALUES ($1, 'order', $2, $3, $4, $5)",
+                               [(aggregate, event.event_type, event.data, version, when)
+                                for aggregate, event, version, when in rows])
+
+        result = run_cli("migrate", dsn=empty_dsn)
+        assert result.returncode == 0, result.stderr
+        assert [tuple(r) for r in await conn.fetch("SELECT position, aggregate_id, version FROM events ORDER BY position")] == [
+            (1, "order_1", 1), (2, "order_1", 2), (3, "order_2", 1), (4, "order_2", 2)]
+        # New events go after the adopted ones, under the rules every producer is held to.
+        await EventStore(conn).append("order_1", "order", [simple("OrderPickedUp", 1)], expected_version=2)
+        assert await conn.fetchval("SELECT max(position) FROM events") == 5
+        with pytest.raises(asyncpg.CheckViolationError, match="expected version 4, got 5"):
+            await conn.execute("INSERT INTO events (aggregate_id, aggregate_type, event_type, data, version) "
+                               "VALUES ('order_1', 'order', 'OrderDelivered', '{\"order_id\": 1}', 5)")
+
+        async with running_daemon(empty_dsn, poll_interval=0.1):
+            await wait_caught_up(conn)
+        await assert_read_models_match_fold(conn)
+        assert await conn.fetchval("SELECT status FROM read_model_orders WHERE order_id = 1") == "picked_up"
+    finally:
+        await conn.close()
+
+
+async def test_migrate_warns_of_rows_a_new_projection_did_not_write(empty_dsn):
+    """The seed's own handler's rows would be taken for the projection's: say so, and how to rebuild."""
+    conn = await db.connect(empty_dsn)
+    try:
+        await conn.execute(SEED_SCHEMA)
+        await conn.execute("INSERT INTO read_model_orders (order_id, user_id, status, items, created_at, updated_at, "
+                           "current_version) VALUES (1, 7, 'created', '[]', now(), now(), 1)")
+    finally:
+        await conn.close()
+    result = run_cli("migrate", dsn=empty_dsn, log_format="json")
+    assert result.returncode == 0, result.stderr
+    warnings = [json.loads(line) for line in result.stderr.splitlines() if "projection_tables_not_empty" in line]
+    assert [(w["projection"], w["table"]) for w in warnings] == [("orders", "read_model_orders")]
+    assert "pgprojector rebuild orders" in warnings[0]["hint"]
+    again = run_cli("migrate", dsn=empty_dsn, log_format="json")  # said once, when the projection is set up
+    assert again.returncode == 0 and "projection_tables_not_empty" not in again.stderr

@@ -16,6 +16,29 @@ CREATE TABLE IF NOT EXISTS events (
     UNIQUE (aggregate_id, version)
 );
 
+-- A database made from the seed's schema has an `events` table without `position`: it is adopted.
+-- Its events get positions in an order that keeps each aggregate's versions in order, which
+-- created_at alone need not (it is the appending transaction's start: a transaction that began
+-- before version n was appended can append n + 1): by the latest created_at among the aggregate's
+-- events up to that version, then by aggregate and version. (No trigger refuses the UPDATE yet:
+-- they are created below, in this same transaction.)
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_attribute
+                   WHERE attrelid = 'events'::regclass AND attname = 'position' AND NOT attisdropped) THEN
+        ALTER TABLE events ADD COLUMN position BIGINT;
+        UPDATE events e SET position = ordered.position
+        FROM (SELECT id, row_number() OVER (ORDER BY settled_at, aggregate_id, version) AS position
+              FROM (SELECT id, aggregate_id, version,
+                           max(created_at) OVER (PARTITION BY aggregate_id ORDER BY version) AS settled_at
+                    FROM events) settled) ordered
+        WHERE e.id = ordered.id;
+        ALTER TABLE events ALTER COLUMN position SET NOT NULL, ADD UNIQUE (position);
+        RAISE NOTICE 'events: adopted, % events given positions', (SELECT count(*) FROM events);
+    END IF;
+END
+$$;
+
 CREATE INDEX IF NOT EXISTS idx_events_aggregate ON events (aggregate_id, version);
 CREATE INDEX IF NOT EXISTS idx_events_type ON events (event_type);
 CREATE INDEX IF NOT EXISTS idx_events_created ON events (created_at);
@@ -24,6 +47,8 @@ CREATE INDEX IF NOT EXISTS idx_events_aggregate_time ON events (aggregate_id, cr
 -- CACHE 1 matters: the read horizon relies on last_value being the highest
 -- position any session has drawn.
 CREATE SEQUENCE IF NOT EXISTS events_position_seq AS BIGINT CACHE 1 OWNED BY events.position;
+-- (after an adoption: new events go after the positions given above)
+SELECT setval('events_position_seq', max(position)) FROM events HAVING max(position) IS NOT NULL;
 
 -- In-flight appenders. Every transaction that inserts into `events` first takes
 -- a transaction-scoped SHARED advisory lock whose key encodes the lowest

@@ -65,9 +65,17 @@ async def setup_projection(conn: asyncpg.Connection, projection: Projection) -> 
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
         if projection.schema:
             await conn.execute(projection.schema)
-        await conn.execute(
-            "INSERT INTO pgprojector_projections (name) VALUES ($1) ON CONFLICT (name) DO NOTHING", projection.name
-        )
+        registered = await conn.fetchval(
+            "INSERT INTO pgprojector_projections (name) VALUES ($1) ON CONFLICT (name) DO NOTHING RETURNING true",
+            projection.name)
+        if registered:
+            # A new projection starts at position 0 and takes the rows it finds for its own work: rows
+            # written by something else (the seed's own handler, say) would be kept as they are.
+            for table in projection.tables:
+                if await conn.fetchval(f"SELECT EXISTS (SELECT FROM {_quote_ident(table)})"):
+                    log.warning("projection_tables_not_empty", projection=projection.name, table=table,
+                                hint=f"rows pgprojector did not write stay as they are: `pgprojector rebuild "
+                                     f"{projection.name}` builds the table from the log")
 
 
 async def apply_roles(conn: asyncpg.Connection, projections: Sequence[Projection] = ()) -> None:
