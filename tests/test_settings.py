@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
-from helpers import run_cli
+from helpers import cli_env, run_cli
 
 from pgprojector import db
 from pgprojector.errors import ConfigError
@@ -104,6 +106,27 @@ def test_a_daemon_that_fails_says_why_not_which_task_group(server):
     failed = [json.loads(line) for line in result.stderr.splitlines() if '"daemon_failed"' in line]
     assert failed and failed[0]["error"].startswith("InvalidCatalogNameError: ")
     assert "pgprojector_no_such_database" in failed[0]["error"]
+
+
+@pytest.mark.parametrize(("source", "says"), [
+    ("x = 1 / 0\n", r"importing failing_module_\w+ raised ZeroDivisionError: division by zero \(.*failing_module_\w+\.py, line 1\)"),
+    ("def broken(:\n", r"importing failing_module_\w+ raised SyntaxError: .*line 1"),
+])
+def test_a_projection_module_that_fails_to_import_is_one_clear_line(tmp_path, monkeypatch, source, says):
+    """A user's module that raises as it is imported: once a traceback and exit 1."""
+    from pgprojector.errors import ConfigError
+    from pgprojector.projection import load_projections
+
+    name = f"failing_module_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=rf"PGPROJECTOR_PROJECTIONS: cannot load '{name}:projection': {says}"):
+        load_projections([f"{name}:projection"])
+    env = {**cli_env("postgresql://u@127.0.0.1:1/db", projections=f"{name}:projection"), "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "pgprojector", "migrate"], env=env, capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_unknown_projection_is_a_clear_error(dsn):

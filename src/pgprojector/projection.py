@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import traceback
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -91,6 +92,13 @@ def load_projection(ref: str) -> Projection:
             found = getattr(found, part)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"PGPROJECTOR_PROJECTIONS: cannot load {ref!r}: {exc}") from None
+    except Exception as exc:
+        # The user's module fails as it is imported: one line saying where, not a traceback and exit 1.
+        # (A SyntaxError names its file and line itself; otherwise the innermost frame does.)
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        where = "" if isinstance(exc, SyntaxError) else f" ({frame.filename}, line {frame.lineno})"
+        raise ConfigError(f"PGPROJECTOR_PROJECTIONS: cannot load {ref!r}: importing {module_name} raised "
+                          f"{type(exc).__name__}: {exc}{where}") from None
     if not isinstance(found, Projection):
         raise ConfigError(f"PGPROJECTOR_PROJECTIONS: {ref!r} is a {type(found).__name__}, not a pgprojector.Projection")
     return found
