@@ -132,6 +132,10 @@ async def _with_connection(settings: Settings, role: str, body: Callable[[asyncp
     try:
         return await body(conn)
     except asyncpg.UndefinedTableError as exc:
+        # A database `migrate` never ran on (or an older one) is a configuration error, as for `run`.
+        from pgprojector.migrations import require_current_schema
+
+        await require_current_schema(conn)
         raise CommandError(f"{exc}: has `pgprojector migrate` been run on this database?") from None
     except asyncpg.PostgresError as exc:
         raise CommandError(db.describe_error(exc)) from None
