@@ -81,6 +81,20 @@ async def test_channel_setting_moves_the_notify_trigger(empty_dsn):
     assert received == ["orders_feed"]
 
 
+async def test_a_daemon_listening_on_another_channel_than_the_trigger_notifies_says_so(dsn):
+    """It went unnoticed: the daemon saw new events only at each poll interval."""
+    from structlog.testing import capture_logs
+    from test_daemon import running_daemon
+
+    with capture_logs() as logs:
+        async with running_daemon(dsn, ["orders"], channel="orders_feed", poll_interval=0.1):
+            with anyio.fail_after(30):
+                while not any(entry["event"] == "daemon_started" for entry in logs):
+                    await anyio.sleep(0.02)
+    mismatches = [entry for entry in logs if entry["event"] == "channel_mismatch"]
+    assert [(m["listening"], m["notified"]) for m in mismatches] == [("orders_feed", "events")]
+
+
 async def test_a_schema_of_its_own_serves_producers_with_any_search_path(empty_dsn):
     """Migrated into "Event Store", the triggers find their sequence and table by schema, so a
     producer whose search_path does not name it appends all the same."""

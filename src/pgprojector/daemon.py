@@ -21,7 +21,7 @@ from pgprojector import db, systemd
 from pgprojector.errors import ConfigError, SchemaBehindError
 from pgprojector.listener import Listener, Wakeup
 from pgprojector.metrics import Metrics
-from pgprojector.migrations import position_cache, require_current_schema, setup_projection
+from pgprojector.migrations import notify_channel, position_cache, require_current_schema, setup_projection
 from pgprojector.projection import Projection
 from pgprojector.retry import backoff, is_transient
 from pgprojector.settings import Settings
@@ -136,6 +136,7 @@ class Daemon:
                 async with db.acquire(pool) as conn:
                     await self._check_schema(conn)
                     server_version = await conn.fetchval("SHOW server_version")
+                    notified = await notify_channel(conn)
                     await conn.execute(queries()["register_daemon"], self.id, socket.gethostname(), os.getpid(),
                                        [p.name for p in self.projections])
             except Exception as exc:
@@ -158,6 +159,12 @@ class Daemon:
                 with anyio.move_on_after(delay):
                     await self.stopping.wait()
                 continue
+            if notified != self.settings.channel:
+                # Not an error (a channel being moved by `migrate --channel` goes through this), but
+                # until it matches the daemon learns of new events only by polling.
+                log.warning("channel_mismatch", listening=self.settings.channel, notified=notified,
+                            hint="new events are seen only every poll interval: give the daemon the channel "
+                                 "`pgprojector migrate --channel` was given, or migrate with this one")
             log.info("daemon_started", projections=[p.name for p in self.projections],
                      batch_size=self.settings.batch_size, poll_interval=self.settings.poll_interval,
                      on_error=self.settings.on_error, max_attempts=self.settings.max_attempts,

@@ -44,10 +44,7 @@ async def migrate(conn: asyncpg.Connection, channel: str, projections: Sequence[
         if cache != 1:
             await conn.execute("ALTER SEQUENCE events_position_seq CACHE 1")
             log.warning("position_cache_reset", was=cache)
-        current = await conn.fetchval(
-            "SELECT tgargs FROM pg_trigger WHERE tgrelid = 'events'::regclass AND tgname = 'events_notify'"
-        )
-        if current is None or bytes(current).rstrip(b"\x00").decode() != channel:
+        if await notify_channel(conn) != channel:
             await conn.execute("SELECT pgprojector_set_notify_channel($1)", channel)
             log.info("notify_channel_set", channel=channel)
         for projection in projections:
@@ -123,6 +120,13 @@ async def require_current_schema(conn: asyncpg.Connection) -> None:
     if version < latest_version():
         raise SchemaBehindError(f"the database schema is at version {version}, this pgprojector needs "
                                 f"{latest_version()}: run `pgprojector migrate`")
+
+
+async def notify_channel(conn: asyncpg.Connection) -> str | None:
+    """The channel the insert trigger notifies (set by `migrate --channel`), or None without one."""
+    args = await conn.fetchval(
+        "SELECT tgargs FROM pg_trigger WHERE tgrelid = 'events'::regclass AND tgname = 'events_notify'")
+    return None if args is None else bytes(args).rstrip(b"\x00").decode()
 
 
 def latest_version() -> int:
