@@ -96,6 +96,11 @@ async def test_conflict_inside_callers_transaction_leaves_it_usable(conn):
     ("order_1", [NewEvent("A", ["not", "an", "object"])], "JSON object"),  # type: ignore[arg-type]
     ("order_1", [NewEvent("A", {"nul": "a\x00b"})], "NUL"),
     ("order_1", [{"event_type": "A"}], "NewEvent"),
+    # (these three reached the database and came back as raw asyncpg errors)
+    ("order_\x001", [NewEvent("A", {})], "aggregate_id contains a NUL"),
+    ("order_1", [NewEvent("A\x00", {})], "event_type contains a NUL"),
+    ("order_1", [NewEvent("A", {"\ud800": 1})], "not JSON"),  # a lone surrogate: no character at all
+    ("order_1", [NewEvent("A", {}, {"by": "\udfff"})], "not JSON"),
 ])
 async def test_bad_input_is_refused_before_anything_is_written(pool, aggregate_id, events, message):
     store = EventStore(pool)

@@ -34,14 +34,24 @@ class NewEvent:
             raise InvalidEventError(f"{self.event_type}: data must be a JSON object (a mapping), not {type(self.data).__name__}")
         if self.metadata is not None and not isinstance(self.metadata, Mapping):
             raise InvalidEventError(f"{self.event_type}: metadata must be a mapping or None")
+        if "\x00" in self.event_type:
+            raise InvalidEventError("event_type contains a NUL character, which PostgreSQL text cannot store")
         try:
-            data = json.dumps(self.data, allow_nan=False, default=_json_default)
-            metadata = None if self.metadata is None else json.dumps(self.metadata, allow_nan=False, default=_json_default)
+            data = _json_text(self.data)
+            metadata = None if self.metadata is None else _json_text(self.metadata)
         except (TypeError, ValueError) as exc:
             raise InvalidEventError(f"{self.event_type}: data is not JSON-serialisable: {exc}") from None
         if "\\u0000" in data or (metadata is not None and "\\u0000" in metadata):
             raise InvalidEventError(f"{self.event_type}: data contains a NUL character, which jsonb cannot store")
         return self.event_type, data, metadata
+
+
+def _json_text(value: object) -> str:
+    # Unescaped non-ASCII, so that a lone surrogate (no character, which jsonb refuses) fails here,
+    # as UnicodeEncodeError (a ValueError), before anything is written.
+    text = json.dumps(value, allow_nan=False, default=_json_default, ensure_ascii=False)
+    text.encode("utf-8")
+    return text
 
 
 def _json_default(value: object) -> object:
@@ -100,7 +110,11 @@ def validate_stream(aggregate_id: str, aggregate_type: str) -> None:
         raise InvalidEventError("aggregate_id must be a non-empty string")
     if len(aggregate_id) > MAX_AGGREGATE_ID:
         raise InvalidEventError(f"aggregate_id is longer than {MAX_AGGREGATE_ID} characters: {aggregate_id[:40]!r}...")
+    if "\x00" in aggregate_id:
+        raise InvalidEventError("aggregate_id contains a NUL character, which PostgreSQL text cannot store")
     if not isinstance(aggregate_type, str) or not aggregate_type:
         raise InvalidEventError("aggregate_type must be a non-empty string")
     if len(aggregate_type) > MAX_AGGREGATE_TYPE:
         raise InvalidEventError(f"aggregate_type is longer than {MAX_AGGREGATE_TYPE} characters")
+    if "\x00" in aggregate_type:
+        raise InvalidEventError("aggregate_type contains a NUL character, which PostgreSQL text cannot store")
