@@ -56,6 +56,13 @@ def test_bad_value_is_one_clear_line_naming_the_variable(monkeypatch, variable, 
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_misspelt_variable_is_named_not_silently_ignored():
+    result = run_cli("status", dsn="postgresql://u@127.0.0.1:1/db", batchsize="10", log_format="json", timeout=60)
+    warnings = [json.loads(line) for line in result.stderr.splitlines() if '"unknown_setting"' in line]
+    assert [w["variable"] for w in warnings] == ["PGPROJECTOR_BATCHSIZE"]
+    assert "unknown_setting" not in run_cli("status", dsn="postgresql://u@127.0.0.1:1/db", batch_size="10").stderr
+
+
 def test_missing_dsn_names_the_variable():
     for command in ("migrate", "status", "run", "dead-letters"):
         result = run_cli(command)

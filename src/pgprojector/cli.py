@@ -11,12 +11,13 @@ from typing import Any
 
 import anyio
 import asyncpg
+import structlog
 
 from pgprojector import __doc__ as package_doc
 from pgprojector import db, ops
 from pgprojector.errors import ConfigError
 from pgprojector.logging import configure_logging
-from pgprojector.settings import Settings, load_settings
+from pgprojector.settings import Settings, load_settings, unknown_variables
 from pgprojector.sqlfiles import queries
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -105,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(**overrides)
         configure_logging(settings.log_level, settings.log_format)
+        for variable in unknown_variables():
+            structlog.get_logger("pgprojector.settings").warning(
+                "unknown_setting", variable=variable, hint="not a pgprojector setting (misspelt?): ignored")
         handler = _HANDLERS[args.command]
         return anyio.run(handler, settings, args)
     except ConfigError as exc:
@@ -162,8 +166,6 @@ async def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
-    import structlog
-
     from pgprojector.daemon import Daemon
     from pgprojector.projection import load_projections
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
+from collections.abc import Mapping
 from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -81,6 +83,19 @@ class Settings(BaseSettings):
         if self.dsn is None or not self.dsn.get_secret_value():
             raise ConfigError("PGPROJECTOR_DSN is not set: give the PostgreSQL URL, e.g. postgresql://user@host:5432/db")
         return self.dsn.get_secret_value()
+
+
+# PGPROJECTOR_* variables that are not settings of the CLI: the embedded server's binaries, and the
+# test suite's and the benchmark's own.
+OTHER_VARIABLES = frozenset({"PGPROJECTOR_PG_BINDIR", "PGPROJECTOR_TEST_DSN", "PGPROJECTOR_TEST_SEED",
+                             "PGPROJECTOR_BENCH_DSN"})
+
+
+def unknown_variables(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """PGPROJECTOR_* variables that nothing reads: a misspelt setting (PGPROJECTOR_BATCHSIZE) is
+    otherwise silently ignored, and its default used."""
+    known = {f"PGPROJECTOR_{name.upper()}" for name in Settings.model_fields} | OTHER_VARIABLES
+    return sorted(name for name in environ if name.upper().startswith("PGPROJECTOR_") and name.upper() not in known)
 
 
 def load_settings(**overrides: object) -> Settings:
