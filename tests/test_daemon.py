@@ -776,3 +776,13 @@ async def test_prometheus_endpoint(dsn, pool, conn):
     assert 'pgprojector_lag_events{projection="orders"} 0.0' in body
     assert 'pgprojector_batch_duration_seconds_count{projection="dashboard"} 1.0' in body
     assert "pgprojector_reconnects_total" in body or "pgprojector_reconnects" in body
+
+    # Started again, caught up already: the checkpoint gauge has its value before any batch (it had none).
+    port, body = _free_port(), ""
+    async with running_daemon(dsn, poll_interval=0.2, metrics_port=port):
+        with anyio.fail_after(10):
+            while 'pgprojector_checkpoint_position{projection="orders"} 2.0' not in body:
+                await anyio.sleep(0.05)
+                body = await anyio.to_thread.run_sync(
+                    lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
+    assert "pgprojector_events_applied_total{" not in body

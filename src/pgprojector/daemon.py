@@ -192,8 +192,9 @@ class Daemon:
                 log.info("projection_registered", projection=projection.name)
 
     async def _heartbeat(self, pool: asyncpg.Pool) -> None:
+        # (at once too: the gauges have values from the start, where a daemon that started caught up
+        # had no checkpoint position to show until its first batch)
         while True:
-            await anyio.sleep(HEARTBEAT_SECONDS)
             try:
                 async with db.acquire(pool) as conn:
                     updated = await conn.execute(queries()["heartbeat"], self.id)
@@ -202,12 +203,13 @@ class Daemon:
                                            os.getpid(), [p.name for p in self.projections])
                     if self.metrics.enabled:
                         for row in await conn.fetch(queries()["status"], 0):
-                            self.metrics.projection_state(row["name"], row["lag"], row["dead_letters"],
-                                                          row["state"] == "halted")
+                            self.metrics.projection_state(row["name"], row["position"], row["lag"],
+                                                          row["dead_letters"], row["state"] == "halted")
             except Exception as exc:
                 if not is_transient(exc):
                     raise
                 log.warning("heartbeat_failed", error=db.describe_error(exc))
+            await anyio.sleep(HEARTBEAT_SECONDS)
 
     async def _unregister(self, pool: asyncpg.Pool) -> None:
         try:

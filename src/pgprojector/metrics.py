@@ -52,8 +52,9 @@ class Metrics:
         if self.enabled:
             self.reconnects.labels(connection).inc()
 
-    def projection_state(self, projection: str, lag: int, dead_letters: int, halted: bool) -> None:
+    def projection_state(self, projection: str, position: int, lag: int, dead_letters: int, halted: bool) -> None:
         if self.enabled:
+            self.position.labels(projection).set(position)
             self.lag.labels(projection).set(lag)
             self.dead_letters.labels(projection).set(dead_letters)
             self.halted.labels(projection).set(1 if halted else 0)
