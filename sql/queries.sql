@@ -127,3 +127,13 @@ SELECT d.id, d.projection, d.event_position, d.event_id, d.error, d.attempts, d.
        e.aggregate_id, e.event_type, e.version
 FROM pgprojector_dead_letters d LEFT JOIN events e ON e.position = d.event_position
 ORDER BY d.id
+
+-- name: backend_activity
+-- What a worker's backend is doing, for the daemon's batch_slow line: its state, what it waits on,
+-- and who holds what it waits for.
+SELECT a.state AS backend, a.wait_event_type, a.wait_event,
+       extract(epoch FROM now() - a.state_change)::int AS in_state_s,
+       ARRAY(SELECT b.pid || ' ' || coalesce(nullif(b.application_name, ''), '?') || ': ' || left(b.query, 80)
+             FROM pg_stat_activity b WHERE b.pid = ANY (pg_blocking_pids(a.pid))) AS blocked_by
+FROM pg_stat_activity a
+WHERE a.pid = $1

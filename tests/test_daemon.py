@@ -786,3 +786,45 @@ async def test_prometheus_endpoint(dsn, pool, conn):
                 body = await anyio.to_thread.run_sync(
                     lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
     assert "pgprojector_events_applied_total{" not in body
+
+
+async def test_a_batch_held_up_is_logged_with_what_its_backend_waits_for(dsn, pool, conn, monkeypatch):
+    """A read model locked by someone else held `orders` back without a single log line."""
+    from structlog.testing import capture_logs
+
+    from pgprojector import daemon as daemon_module
+
+    monkeypatch.setattr(daemon_module, "SLOW_BATCH_SECONDS", 0.5)
+    store = EventStore(pool)
+    await store.append("order_1", "order", [created(1)], expected_version=0)
+    locker = await db.connect(dsn)
+    try:
+        with capture_logs() as logs:
+            async with running_daemon(dsn, ["orders"], poll_interval=0.1):
+                await wait_caught_up(conn, names=["orders"])
+                await locker.execute("BEGIN; LOCK TABLE read_model_orders IN ACCESS EXCLUSIVE MODE")
+                await store.append("order_1", "order", [confirmed(1)], expected_version=1)
+                with anyio.fail_after(30):
+                    while not any(entry["event"] == "batch_slow" for entry in logs):
+                        await anyio.sleep(0.05)
+                await locker.execute("ROLLBACK")
+                await wait_caught_up(conn, names=["orders"])
+    finally:
+        await locker.close()
+    slow = next(entry for entry in logs if entry["event"] == "batch_slow")
+    assert slow["projection"] == "orders" and slow["after"] == 1 and slow["seconds"] >= 0.5
+    assert (slow["backend"], slow["wait_event_type"]) == ("active", "Lock")
+    assert slow["blocked_by"] and slow["blocked_by"][0].startswith(f"{locker.get_server_pid()} ")
+
+
+async def test_every_connection_has_keepalives_on_both_ends(conn):
+    """A peer gone without closing (a partition, a failover) is noticed in about half a minute, not
+    hours; and asyncpg's socket is still where db.py reaches for it."""
+    import socket
+
+    assert await conn.fetchval("SHOW tcp_keepalives_idle") == str(db.KEEPALIVE_IDLE_S)
+    assert await conn.fetchval("SHOW tcp_user_timeout") == str(db.USER_TIMEOUT_MS)
+    sock = conn._transport.get_extra_info("socket")  # noqa: SLF001
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == db.KEEPALIVE_IDLE_S
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == db.USER_TIMEOUT_MS

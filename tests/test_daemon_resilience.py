@@ -537,6 +537,85 @@ async def test_stop_signal_mid_catch_up_commits_the_batch_in_hand_and_exits_0(ds
         await conn.close()
 
 
+async def _blocked_daemon(conn: asyncpg.Connection, locker: asyncpg.Connection, tmp_path,
+                          **settings: str) -> h.DaemonProcess:
+    """A daemon whose orders batch cannot finish: `locker` holds read_model_orders locked (a migration,
+    say) while an event waits to be applied."""
+    await EventStore(conn).append("order_1", "order", [NewEvent("OrderCreated", {
+        "order_id": 1, "user_id": 7, "user_name": "u", "items": [], "total_amount": "1.00",
+        "delivery_address": "x"})], expected_version=0)
+    daemon = h.DaemonProcess(conn_dsn(conn), tmp_path / "daemon.log", projections="orders", **settings)
+    await h.wait_caught_up(conn, ["orders"], timeout=30, daemons=[daemon])
+    await locker.execute("BEGIN; LOCK TABLE read_model_orders IN ACCESS EXCLUSIVE MODE")
+    await EventStore(conn).append("order_1", "order", [NewEvent("OrderPickedUp", {"order_id": 1})], expected_version=1)
+    deadline = time.monotonic() + 30
+    while not await conn.fetchval("SELECT EXISTS (SELECT FROM pg_stat_activity WHERE application_name = "
+                                  "'pgprojector-daemon' AND wait_event_type = 'Lock' AND datname = current_database())"):
+        assert time.monotonic() < deadline, daemon.tail()
+        await asyncio.sleep(0.05)
+    return daemon
+
+
+def conn_dsn(conn: asyncpg.Connection) -> str:
+    params = conn._params  # noqa: SLF001 - the test's own connection: where the daemon should go too
+    address = conn._addr  # noqa: SLF001
+    return f"postgresql://{params.user}@{address[0]}:{address[1]}/{params.database}"
+
+
+async def test_a_batch_that_cannot_finish_holds_a_stop_for_the_stop_timeout_only(dsn, tmp_path):
+    """A read model locked by someone else: the stop waited for the lock, however long it was held.
+    Now the batch is rolled back after PGPROJECTOR_STOP_TIMEOUT and the daemon exits 1, its
+    checkpoint where it was."""
+    conn, locker = await _harness_conn(dsn), await _harness_conn(dsn, "test-locker")
+    daemon = None
+    try:
+        daemon = await _blocked_daemon(conn, locker, tmp_path, stop_timeout="2")
+        sent = time.monotonic()
+        daemon.send(signal.SIGTERM)
+        assert await daemon.wait_exit(15) == 1, daemon.tail()
+        took = time.monotonic() - sent
+        assert 2 <= took < 10, took
+        [timeout] = daemon.log_events("stop_timeout")
+        assert timeout["unfinished"] == ["orders"]
+        assert daemon.log_events("daemon_stopped")[-1]["clean"] is False
+        assert (await h.checkpoints(conn))["orders"]["position"] == 1
+    finally:
+        await locker.close()
+        if daemon is not None:
+            daemon.close()
+    # The lock gone, the next daemon applies the event.
+    again = h.DaemonProcess(dsn, tmp_path / "again.log", projections="orders")
+    try:
+        await h.wait_caught_up(conn, ["orders"], timeout=30, daemons=[again])
+        again.send(signal.SIGTERM)
+        assert await again.wait_exit(10) == 0, again.tail()
+    finally:
+        again.close()
+        await conn.close()
+
+
+async def test_a_second_signal_stops_a_daemon_whose_batch_cannot_finish_at_once(dsn, tmp_path):
+    """It was logged (stop_forced), and the daemon went on waiting: closing the pool waited for the
+    stuck connection. It exited 0."""
+    conn, locker = await _harness_conn(dsn), await _harness_conn(dsn, "test-locker")
+    daemon = None
+    try:
+        daemon = await _blocked_daemon(conn, locker, tmp_path, stop_timeout="600")
+        daemon.send(signal.SIGTERM)
+        await daemon.wait_for_log("stop_requested", timeout=10)
+        sent = time.monotonic()
+        daemon.send(signal.SIGTERM)
+        assert await daemon.wait_exit(15) == 1, daemon.tail()
+        assert time.monotonic() - sent < 10
+        assert daemon.log_events("stop_forced") and daemon.log_events("daemon_stopped")[-1]["clean"] is False
+        assert (await h.checkpoints(conn))["orders"]["position"] == 1
+    finally:
+        await locker.close()
+        if daemon is not None:
+            daemon.close()
+        await conn.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # 3b. several daemons starting at the same moment, with a projection nobody has set up yet
 # ---------------------------------------------------------------------------------------------

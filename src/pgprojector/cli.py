@@ -46,6 +46,9 @@ _SETTING_FLAGS: list[tuple[str, dict[str, Any]]] = [
                                                                 "console on a terminal]"}),
     ("--log-level", {"choices": ["debug", "info", "warning", "error"],
                      "help": f"[PGPROJECTOR_LOG_LEVEL, default {_default('log_level')}]"}),
+    ("--stop-timeout", {"type": float, "help": "seconds the batch in hand gets to commit after SIGTERM/SIGINT; then "
+                                               "it is rolled back and the daemon exits 1 [PGPROJECTOR_STOP_TIMEOUT, "
+                                               f"default {_default('stop_timeout')}]"}),
     ("--metrics-port", {"type": int, "help": "serve Prometheus metrics on this port [PGPROJECTOR_METRICS_PORT, off]"}),
 ]
 
@@ -186,7 +189,7 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
             "daemon_failed", error=db.redact(db.describe_error(causes[0]), dsn),
             exception=db.redact("".join(traceback.format_exception(exc)), dsn))
         return EXIT_FAILURE
-    return EXIT_OK
+    return EXIT_FAILURE if daemon.stop_forced else EXIT_OK
 
 
 def _leaves(exc: BaseException) -> Iterator[BaseException]:

@@ -38,6 +38,11 @@ START_PROGRESS_SECONDS = 30.0
 START_STALL_SECONDS = 300.0
 # How often a daemon whose schema is behind (see _open_pool) looks again.
 SCHEMA_WAIT_SECONDS = 5.0
+# A batch open this long is logged (batch_slow), with what its backend is doing, and again every as long.
+SLOW_BATCH_SECONDS = 30.0
+SLOW_CHECK_SECONDS = 1.0
+# The most the pool's connections get to close on the way out, before they are cut.
+CLOSE_SECONDS = 5.0
 
 
 class Daemon:
@@ -49,6 +54,9 @@ class Daemon:
         self.stopping = anyio.Event()
         self.wakeups = {projection.name: Wakeup() for projection in self.projections}
         self.workers: list[ProjectionWorker] = []
+        # Set when a stop did not let every batch in hand commit (stop timeout, second signal): the
+        # daemon then exits 1.
+        self.stop_forced = False
         self.metrics = Metrics(None)
         self.listener = Listener(self.dsn, settings.channel, self._wake_all,
                                  on_reconnect=lambda: self.metrics.reconnect("listener"))
@@ -71,8 +79,14 @@ class Daemon:
                 with anyio.CancelScope(shield=True):
                     self.metrics.close()
                     await self._unregister(pool)
-                    await pool.close()
-                    log.info("daemon_stopped", events_applied=sum(w.events_applied for w in self.workers))
+                    # (a connection whose server stopped answering would hold pool.close() for ever)
+                    with anyio.move_on_after(CLOSE_SECONDS) as closing:
+                        await pool.close()
+                    if closing.cancelled_caught:
+                        pool.terminate()
+                        log.warning("connections_cut", after_s=CLOSE_SECONDS)
+                    log.info("daemon_stopped", events_applied=sum(w.events_applied for w in self.workers),
+                             clean=not self.stop_forced)
             outer.cancel_scope.cancel()
 
     async def _serve(self, pool: asyncpg.Pool) -> None:
@@ -87,9 +101,19 @@ class Daemon:
             side.start_soon(self._side_task, "listener", self.listener.run)
             side.start_soon(self._side_task, "heartbeat", lambda: self._heartbeat(pool))
             side.start_soon(self._report_ready)
+            side.start_soon(self._side_task, "slow-batch watch", lambda: self._watch_slow_batches(pool))
             async with anyio.create_task_group() as workers:
                 for worker in self.workers:
                     workers.start_soon(worker.run)
+                # A stop lets each worker finish the batch in hand, for at most stop_timeout: a batch
+                # that cannot finish (its read model locked, its server not answering) is then
+                # cancelled, and rolls back or dies with its connection, the checkpoint unmoved.
+                await self.stopping.wait()
+                workers.cancel_scope.deadline = anyio.current_time() + self.settings.stop_timeout
+            if workers.cancel_scope.cancelled_caught:
+                self.stop_forced = True
+                log.error("stop_timeout", after_s=self.settings.stop_timeout,
+                          unfinished=[w.projection.name for w in self.workers if w.abandoned is not None])
             side.cancel_scope.cancel()  # every worker has finished its batch and returned
 
     async def _side_task(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
@@ -211,6 +235,33 @@ class Daemon:
                 log.warning("heartbeat_failed", error=db.describe_error(exc))
             await anyio.sleep(HEARTBEAT_SECONDS)
 
+    async def _watch_slow_batches(self, pool: asyncpg.Pool) -> None:
+        """Logs each batch open for SLOW_BATCH_SECONDS (and again every as long) with what its backend
+        is doing: waiting on a lock, and whose (a read model locked by a migration, another daemon's
+        batch); idle in transaction (a handler's own work, or a connection lost on the way); or gone.
+        Where it once sat silent for as long as the batch did."""
+        reported: dict[str, float] = {}
+        while True:
+            await anyio.sleep(SLOW_CHECK_SECONDS)
+            now = anyio.current_time()
+            for worker in self.workers:
+                flight, name = worker.in_flight, worker.projection.name
+                if flight is None or now - max(flight.started, reported.get(name, 0.0)) < SLOW_BATCH_SECONDS:
+                    continue
+                reported[name] = now
+                details: dict[str, object] = {"backend": "not answering"}
+                with anyio.move_on_after(5):
+                    try:
+                        async with db.acquire(pool) as conn:
+                            row = await conn.fetchrow(queries()["backend_activity"], flight.backend_pid)
+                        details = {"backend": "gone"} if row is None else dict(row)
+                    except Exception as exc:
+                        if not is_transient(exc):
+                            raise
+                        details = {"backend": f"unknown: {db.describe_error(exc)}"}
+                log.warning("batch_slow", projection=name, seconds=round(now - flight.started),
+                            after=flight.after, backend_pid=flight.backend_pid, **details)
+
     async def _unregister(self, pool: asyncpg.Pool) -> None:
         try:
             with anyio.fail_after(5):
@@ -227,6 +278,7 @@ class Daemon:
                     self.request_stop()
                 else:
                     log.warning("stop_forced", signal=signal.Signals(signum).name)
+                    self.stop_forced = True
                     scope.cancel()
 
     def request_stop(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
@@ -63,14 +64,41 @@ def redact(text: str, dsn: str | None) -> str:
     return text.replace(dsn, redact_dsn(dsn))
 
 
+# TCP keepalives and a user timeout on both ends of every connection: a peer that vanished without
+# closing (a network partition, a failover) is noticed within about half a minute, where TCP alone
+# waits hours. The server's side ends a backend whose daemon is gone, releasing the checkpoint row it
+# locked for the next daemon; the client's side fails the batch, which reconnects. (No help against a
+# server that is up but does not answer: `batch_slow` and the stop timeout are for that.)
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT, USER_TIMEOUT_MS = 10, 5, 3, 60_000
+_SERVER_KEEPALIVE = (f"SET tcp_keepalives_idle = {KEEPALIVE_IDLE_S}; SET tcp_keepalives_interval = "
+                     f"{KEEPALIVE_INTERVAL_S}; SET tcp_keepalives_count = {KEEPALIVE_COUNT}; "
+                     f"SET tcp_user_timeout = {USER_TIMEOUT_MS}")
+
+
 async def init_connection(conn: asyncpg.Connection) -> None:
     """jsonb arrives as Python values and leaves as JSON; a str parameter is taken as JSON text already.
-
-    Binary format (a version byte, then the text), so that COPY works too.
+    Binary format (a version byte, then the text), so that COPY works too. And keepalives.
     """
     await conn.set_type_codec("jsonb", encoder=_encode_jsonb, decoder=_decode_jsonb, schema="pg_catalog",
                               format="binary")
     await conn.set_type_codec("json", encoder=_encode_json, decoder=json.loads, schema="pg_catalog")
+    # (SET, not startup parameters: PgBouncer refuses startup parameters it does not know)
+    await conn.execute(_SERVER_KEEPALIVE)
+    _client_keepalive(conn)
+
+
+def _client_keepalive(conn: asyncpg.Connection) -> None:
+    # asyncpg has no option for it: the socket, through its transport (tests/test_daemon_resilience.py checks
+    # that this still reaches it).
+    transport = getattr(conn, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE_S), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+                          ("TCP_KEEPCNT", KEEPALIVE_COUNT), ("TCP_USER_TIMEOUT", USER_TIMEOUT_MS)):
+        if hasattr(socket, option):  # Linux; elsewhere the system's defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 def _encode_json(value: Any) -> str:

@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=5, ge=1, le=100, description="tries of a failing event before halt/park")
     log_format: Literal["json", "console"] = Field(default_factory=_default_log_format, description="log output")
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="log level")
+    stop_timeout: float = Field(default=20.0, gt=0, le=3600,
+                                description="seconds the batch in hand gets to commit after SIGTERM/SIGINT")
     metrics_port: int | None = Field(default=None, ge=1, le=65535, description="Prometheus endpoint port (off if unset)")
 
     @field_validator("dsn")

@@ -39,6 +39,15 @@ class Batch:
     held_back: bool = False  # an open transaction that appended holds the horizon below the last position drawn
 
 
+@dataclass
+class InFlight:
+    """The transaction a worker has open: what the daemon's watch on slow batches looks at."""
+
+    started: float  # anyio.current_time()
+    backend_pid: int
+    after: int | None = None  # the checkpoint, once locked
+
+
 class EventFailed(Exception):
     """The projection's handler rejected the batch of events at positions `first`..`last`, `size`
     events (a `handle` batch) or positions (a `handle_range` batch); 1 is a single event."""
@@ -96,6 +105,8 @@ class ProjectionWorker:
         self._db_failures = 0
         self._waiting_logged_for: int | None = None
         self.events_applied = 0
+        self.in_flight: InFlight | None = None
+        self.abandoned: InFlight | None = None  # the batch in hand when a stop cancelled the worker
         self.caught_up_once = anyio.Event()  # set the first time there is nothing left to apply (or it is halted)
 
     async def run(self) -> None:
@@ -144,12 +155,13 @@ class ProjectionWorker:
         span: tuple[int, int, int] | None = None  # the batch's first and last position and size, applied
         try:
             async with db.acquire(self.pool) as conn, conn.transaction(isolation="read_committed"):
+                self.in_flight = InFlight(anyio.current_time(), conn.get_server_pid())
                 checkpoint = await conn.fetchrow(sql["lock_checkpoint"], self.projection.name)
                 if checkpoint is None:
                     raise RuntimeError(f"projection {self.projection.name} is not set up: run `pgprojector migrate`")
                 if checkpoint["state"] != self.active_state:
                     return Batch(inactive=True, checkpoint=checkpoint["position"], state=checkpoint["state"])
-                position = checkpoint["position"]
+                position = self.in_flight.after = checkpoint["position"]
                 horizon, drawn = await conn.fetchrow(sql["horizon"])
                 applied, first, last, reached, size = await self._read_and_apply(conn, position, horizon, limit)
                 span = (first, last, size) if size else None
@@ -166,6 +178,11 @@ class ProjectionWorker:
             if span is None or isinstance(exc, EventFailed) or is_transient(exc):
                 raise
             raise EventFailed(exc, *span) from exc
+        except BaseException:  # cancelled (a stop that timed out): the batch rolls back
+            self.abandoned = self.in_flight
+            raise
+        finally:
+            self.in_flight = None
         batch = Batch(applied=applied, caught_up=caught_up, checkpoint=new_position, horizon=horizon,
                       held_back=drawn > horizon)
         if new_position != position:
