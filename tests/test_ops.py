@@ -138,7 +138,9 @@ async def test_events_lists_the_log_for_people_and_for_scripts(conn, dsn):
         ("--aggregate", "order_1"): [1, 3],
         ("--aggregate", "order_1", "--after", "1"): [3],
     }
-    bad = [["--limit", "0"], ["--after", "-1"], ["--follow", "--as-of", "2025-03-03T10:00:00Z"]]
+    bad = [["--limit", "0"], ["--after", "-1"], ["--follow", "--as-of", "2025-03-03T10:00:00Z"],
+           # past a bigint: once a DataError from the database, exit 1
+           ["--limit", "99999999999999999999"], ["--after", "9223372036854775808"]]
     human, as_json, limited, *results = await run_ops_together(
         dsn, ["events"], ["events", "--json"], ["events", "--limit", "2"],
         *(["events", "--json", *args] for args in filtered), *(["events", *args] for args in bad))
@@ -576,6 +578,8 @@ async def test_health_follows_the_daemon_heartbeat(conn, dsn):
     dead = run_ops("health", "--max-age", "1", dsn=dsn)
     assert dead.returncode == 1 and "no daemon alive" in dead.stdout, dead.stdout
     assert run_ops("health", "--max-age", "0", dsn=dsn).returncode == 2
+    assert run_ops("health", "--max-age", "nan", dsn=dsn).returncode == 2  # it passed every check
+    assert run_ops("health", "--max-age", "inf", dsn=dsn).returncode == 2
 
 
 async def test_health_fails_when_a_projection_stops_moving(conn, dsn):

@@ -98,11 +98,13 @@ def test_a_malformed_dsn_is_a_usage_error_that_never_shows_the_password(command,
 
 
 def test_redaction_knows_every_form_of_password():
-    for dsn in ("postgresql://u:Sekr1tPW@h/db", "postgresql://u@h/db?sslmode=disable&password=Sekr1tPW",
-                "host=h password=Sekr1tPW dbname=db", "host=h password='Sekr1t PW' dbname=db"):
-        secret = "Sekr1t PW" if "'" in dsn else "Sekr1tPW"
+    for dsn, password in [("postgresql://u:Sekr1tPW@h/db", "Sekr1tPW"),
+                          ("postgresql://u:ab@Sekr1tPW@h/db", "ab@Sekr1tPW"),  # an @ not percent-encoded
+                          ("postgresql://u@h/db?sslmode=disable&password=Sekr1tPW", "Sekr1tPW"),
+                          ("host=h password=Sekr1tPW dbname=db", "Sekr1tPW"),
+                          ("host=h password='Sekr1t PW' dbname=db", "Sekr1t PW")]:
         assert "Sekr1t" not in db.redact_dsn(dsn)
-        assert "Sekr1t" not in db.redact(f"failed: {secret} (in {dsn})", dsn)
+        assert "Sekr1t" not in db.redact(f"failed: {password} (in {dsn})", dsn)
 
 
 def test_a_daemon_that_fails_says_why_not_which_task_group(server):
@@ -171,3 +173,18 @@ def test_help_names_the_environment_variables():
         assert f"PGPROJECTOR_{name.upper()}, default {default}" in text, name
     assert run_cli("--help").returncode == 0
     assert run_cli("no-such-command").returncode == 2
+
+
+def test_libraries_log_records_are_json_lines_too():
+    """asyncpg logs through the standard library ("Failed to restore the pool connection floor",
+    a traceback): plain text lines among the JSON ones, 218 of them in a one-minute outage."""
+    script = ("import logging\nfrom pgprojector.logging import configure_logging\n"
+              "configure_logging('info', 'json')\n"
+              "try:\n    1 / 0\nexcept ZeroDivisionError:\n"
+              "    logging.getLogger('asyncpg.pool').warning('Failed to restore the pool connection floor', exc_info=True)\n"
+              "logging.getLogger('asyncpg').info('not shown: below warning')\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    [line] = result.stderr.splitlines()
+    record = json.loads(line)
+    assert record["event"] == "Failed to restore the pool connection floor" and record["level"] == "warning"
+    assert "ZeroDivisionError" in record["exception"]

@@ -15,7 +15,8 @@ from pgprojector.errors import ConfigError
 from pgprojector.retry import is_transient
 
 APPLICATION_NAME = "pgprojector"
-_PASSWORD_IN_URL = re.compile(r"(?P<head>^[a-zA-Z][\w+.-]*://[^:/@]*:)(?P<password>[^@]*)(?P<tail>@)")
+# (up to the last @ before the path: a password may hold an @ its writer did not percent-encode)
+_PASSWORD_IN_URL = re.compile(r"(?P<head>^[a-zA-Z][\w+.-]*://[^:/@]*:)(?P<password>[^/?#]*)(?P<tail>@)")
 _PASSWORD_PARAM = re.compile(r"(?P<head>[?&]password=)(?P<password>[^&]*)", re.IGNORECASE)
 # The libpq keyword form (host=... password=...), which is refused (dsn_problem) but must not be echoed.
 _PASSWORD_KEYWORD = re.compile(r"(?P<head>(?:^|\s)password\s*=\s*)(?P<password>'(?:[^'\\]|\\.)*'|\S*)", re.IGNORECASE)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import socket
@@ -127,6 +128,9 @@ def _settings_parent_without_defaults() -> argparse.ArgumentParser:
     return parent
 
 
+BIGINT_MAX = 2**63 - 1
+
+
 def _number(text: str, kind: type[int] | type[float], lowest: float, inclusive: bool = True) -> int | float:
     try:
         value = kind(text)
@@ -134,6 +138,10 @@ def _number(text: str, kind: type[int] | type[float], lowest: float, inclusive: 
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if value < lowest or (value == lowest and not inclusive):
         raise argparse.ArgumentTypeError(f"must be {'at least' if inclusive else 'more than'} {lowest}: {text}")
+    # (positions and ids are bigints, where a larger number failed in the database, exit 1; and a
+    # nan or inf --max-age passed every check)
+    if not math.isfinite(value) or value > BIGINT_MAX:
+        raise argparse.ArgumentTypeError(f"must be a finite number at most {BIGINT_MAX}: {text}")
     return value
 
 
