@@ -411,7 +411,7 @@ async def test_dead_letters_retry_applies_parked_events_once_fixed(conn, dsn):
     await conn.execute("INSERT INTO flaky_allowed VALUES ('b_1')")  # the cause of the first one, fixed
     one = run_ops("dead-letters", "retry", str(parked[0]["id"]), dsn=dsn, projections="test_ops:flaky")
     assert one.returncode == 0, one.stdout + one.stderr
-    assert "1 of 1 dead letter(s) resolved" in one.stdout
+    assert "1 of 1 dead letter(s) resolved (1 applied here, 0 otherwise)" in one.stdout
     assert await conn.fetchval("SELECT aggregate_id FROM flaky_seen WHERE position = $1",
                                parked[0]["event_position"]) == "b_1"
 

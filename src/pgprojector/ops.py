@@ -504,7 +504,10 @@ async def _retry_dead_letters(settings: Settings, args: argparse.Namespace) -> i
             verdict = "ok" if item.applied else "FAILED"
             print(f"#{item.letter_id} {item.projection} position {item.position}: {verdict}: {item.detail}")
         failed = sum(not item.applied for item in outcomes)
-        print(f"{len(outcomes) - failed} of {len(outcomes)} dead letter(s) resolved, {failed} still failing")
+        # (another operator's retry, or a rebuild, may have dealt with some meanwhile: not applied here)
+        applied = sum(item.detail == "applied" for item in outcomes)
+        print(f"{len(outcomes) - failed} of {len(outcomes)} dead letter(s) resolved ({applied} applied here, "
+              f"{len(outcomes) - failed - applied} otherwise), {failed} still failing")
         return EXIT_FAILURE if failed else EXIT_OK
 
     return await _with_connection(settings, "dead-letters", body)
