@@ -662,3 +662,18 @@ async def test_daemons_starting_together_set_up_a_new_projection_without_failing
             daemon.close()
         await gate_conn.close()
         await conn.close()
+
+
+async def test_a_stop_while_waiting_for_the_database_at_start_is_clean_and_logged(tmp_path):
+    """No server where the DSN points: the daemon waits (database_unavailable), and a SIGTERM then
+    exits 0 with daemon_stopped, which it did not log."""
+    from pgprojector.embedded import _free_port
+
+    daemon = h.DaemonProcess(f"postgresql://nobody@127.0.0.1:{_free_port()}/nowhere", tmp_path / "daemon.log")
+    try:
+        await daemon.wait_for_log("database_unavailable", timeout=30)
+        daemon.send(signal.SIGTERM)
+        assert await daemon.wait_exit(10) == 0, daemon.tail()
+        assert daemon.log_events("daemon_stopped", clean=True)
+    finally:
+        daemon.close()

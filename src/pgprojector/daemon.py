@@ -70,6 +70,7 @@ class Daemon:
                 outer.start_soon(systemd.run_watchdog, watchdog)
             pool = await self._open_pool()
             if pool is None:  # stop requested before the database came up
+                log.info("daemon_stopped", events_applied=0, clean=True)
                 outer.cancel_scope.cancel()
                 return
             try:
