@@ -230,29 +230,3 @@ async def test_cli_migrate_roles_creates_both_group_roles(dsn: str) -> None:
     finally:
         await conn.close()
 
-
-async def test_a_privilege_revoked_for_a_while_parks_no_valid_event(owner: asyncpg.Connection, login: Login) -> None:
-    """With on_error=park, 12 s of `REVOKE INSERT, UPDATE` on read_model_orders parked six valid
-    events (InsufficientPrivilegeError counted against each): it is the database's failure."""
-    projector_dsn = await login("pgprojector_projector")
-    producer = await db.connect(await login("pgprojector_producer"), role="tests-producer")
-    try:
-        await owner.execute("REVOKE INSERT, UPDATE ON read_model_orders FROM pgprojector_projector")
-        daemon = Daemon(load_settings(dsn=projector_dsn, poll_interval=0.1, on_error="park", max_attempts=1,
-                                      projections="orders"), load_projections(["orders"]))
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(daemon.run)
-            await EventStore(producer).append("order_6", "order", _order_events(6), expected_version=0)
-            await anyio.sleep(2)  # the daemon tries, and fails, meanwhile
-            assert await owner.fetchval("SELECT count(*) FROM read_model_orders WHERE order_id = 6") == 0
-            await owner.execute("GRANT INSERT, UPDATE ON read_model_orders TO pgprojector_projector")
-            with anyio.fail_after(30):
-                while await owner.fetchval("SELECT position < (SELECT max(position) FROM events) "
-                                           "FROM pgprojector_projections WHERE name = 'orders'"):
-                    await anyio.sleep(0.05)
-            daemon.request_stop()
-        assert await owner.fetchval("SELECT count(*) FROM pgprojector_dead_letters") == 0
-        assert await owner.fetchval("SELECT status FROM read_model_orders WHERE order_id = 6") == "confirmed"
-    finally:
-        await owner.execute("GRANT INSERT, UPDATE ON read_model_orders TO pgprojector_projector")
-        await producer.close()

@@ -9,10 +9,10 @@ import asyncpg
 # Connection lost, server restarting, too many clients, serialization failure or deadlock:
 # none of these say anything about the event being applied.
 TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57")
-# Nor does a lock_timeout (a read model locked by someone else, e.g. a CREATE INDEX), or a privilege
-# missing (a REVOKE, a grant not yet given to a new table): counted against the event, either would
-# park or halt valid ones, every event that comes while it lasts.
-TRANSIENT_SQLSTATES = ("55P03", "42501")
+# Nor does a lock_timeout (a read model locked by someone else, e.g. a CREATE INDEX): counted
+# against the event, it would park or halt a valid one. (A missing privilege, 42501, stays the
+# event's: a row-level security policy's WITH CHECK refuses an event's data with the same code.)
+TRANSIENT_SQLSTATES = ("55P03",)
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
