@@ -230,3 +230,14 @@ async def test_cli_migrate_roles_creates_both_group_roles(dsn: str) -> None:
     finally:
         await conn.close()
 
+
+
+async def test_a_daemon_whose_role_has_no_grants_is_a_configuration_error(login: Login) -> None:
+    """permission denied for pgprojector's own tables at start: exit 2, saying what to grant (a retry
+    can never succeed, and systemd would restart exit 1 every 5 s)."""
+    from helpers import run_cli
+
+    stranger = await login("pg_read_all_settings")  # a role with no grant on any pgprojector table
+    result = run_cli("run", dsn=stranger, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "InsufficientPrivilegeError" in result.stderr and "pgprojector_projector" in result.stderr

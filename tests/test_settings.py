@@ -83,6 +83,7 @@ def test_dead_database_is_a_clear_error_without_the_password():
     ("postgresql://admin:Sekr1tPW@127.0.0.1:abc/x", "port"),
     ("postgresql://admin:Sekr1tPW@127.0.0.1:99999/x", "port"),
     ("postgresql://admin:Sekr1tPW/x", "port"),  # @host forgotten: the password reads as the port
+    ("postgresql://admin:Sekr1tPW#more@127.0.0.1/x", "port"),  # an unencoded # ends the address there
     ("postgresql://admin@127.0.0.1/x?sslmode=bogus&password=Sekr1tPW", "sslmode"),  # refused by asyncpg
     ("  ", "empty"),
 ])
@@ -95,6 +96,13 @@ def test_a_malformed_dsn_is_a_usage_error_that_never_shows_the_password(command,
     assert says in result.stderr and "PGPROJECTOR_DSN" in result.stderr
     assert "Sekr1tPW" not in result.stderr + result.stdout and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("given", ["POSTGRESQL://admin@127.0.0.1:1/x", " postgresql://admin@127.0.0.1:1/x",
+                                   "postgresql://admin@[::1]:1,127.0.0.1:1/x", "postgres:///x?host=/nonexistent"])
+def test_every_url_asyncpg_takes_is_taken(given):
+    result = run_cli("status", dsn=given, timeout=60)
+    assert result.returncode == 1 and "cannot connect" in result.stderr, result.stderr
 
 
 def test_redaction_knows_every_form_of_password():

@@ -16,7 +16,7 @@ from pgprojector.retry import is_transient
 
 APPLICATION_NAME = "pgprojector"
 # (up to the last @ before the path: a password may hold an @ its writer did not percent-encode)
-_PASSWORD_IN_URL = re.compile(r"(?P<head>^[a-zA-Z][\w+.-]*://[^:/@]*:)(?P<password>[^/?#]*)(?P<tail>@)")
+_PASSWORD_IN_URL = re.compile(r"(?P<head>^\s*[a-zA-Z][\w+.-]*://[^:/@]*:)(?P<password>[^/?]*)(?P<tail>@)")
 _PASSWORD_PARAM = re.compile(r"(?P<head>[?&]password=)(?P<password>[^&]*)", re.IGNORECASE)
 # The libpq keyword form (host=... password=...), which is refused (dsn_problem) but must not be echoed.
 _PASSWORD_KEYWORD = re.compile(r"(?P<head>(?:^|\s)password\s*=\s*)(?P<password>'(?:[^'\\]|\\.)*'|\S*)", re.IGNORECASE)
@@ -26,12 +26,14 @@ _URL_SCHEMES = ("postgresql://", "postgres://")
 def dsn_problem(dsn: str) -> str | None:
     """What makes `dsn` no PostgreSQL URL that asyncpg can take, or None; never quoting any part of it
     (in `user:password/db`, a forgotten `@host` makes the password read as the port)."""
-    if not dsn.strip():
+    dsn = dsn.strip()
+    if not dsn:
         return "is empty"
-    if not dsn.startswith(_URL_SCHEMES):
+    if not dsn.lower().startswith(_URL_SCHEMES):
         return ("must be a URL, postgresql://user:password@host:port/database (not the libpq keyword form "
                 "host=... dbname=...)")
-    authority = re.split(r"[/?]", dsn.split("://", 1)[1], maxsplit=1)[0]
+    # (where asyncpg's URL parser ends the address: an unencoded # in a password ends it too)
+    authority = re.split(r"[/?#]", dsn.split("://", 1)[1], maxsplit=1)[0]
     hosts = authority.rpartition("@")[2]
     for host in hosts.split(","):
         port = host.rpartition("]")[2] if host.startswith("[") else host
@@ -39,7 +41,7 @@ def dsn_problem(dsn: str) -> str | None:
             digits = port.rpartition(":")[2]
             if digits and not (digits.isascii() and digits.isdigit() and 1 <= int(digits) <= 65535):
                 return ("has a port that is not a number from 1 to 65535 (a password goes between the user and "
-                        "@host: postgresql://user:password@host:port/database)")
+                        "@host, with any @ # / ? in it percent-encoded: postgresql://user:password@host:port/database)")
     return None
 
 
@@ -140,6 +142,10 @@ def _dsn_refused(dsn: str) -> Iterator[None]:
         yield
     except asyncpg.ClientConfigurationError as exc:
         raise ConfigError(f"PGPROJECTOR_DSN: {redact(describe_error(exc), dsn)}") from None
+    except ValueError:  # the parser's own: its message may quote a piece of the password
+        raise ConfigError("PGPROJECTOR_DSN: asyncpg cannot parse it as a PostgreSQL URL "
+                          "(postgresql://user:password@host:port/database; percent-encode @ # / ? in a password)"
+                          ) from None
 
 
 def describe_error(exc: BaseException) -> str:
