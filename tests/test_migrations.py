@@ -241,3 +241,31 @@ async def test_migrate_warns_of_rows_a_new_projection_did_not_write(empty_dsn):
     assert "pgprojector rebuild orders" in warnings[0]["hint"]
     again = run_cli("migrate", dsn=empty_dsn, log_format="json")  # said once, when the projection is set up
     assert again.returncode == 0 and "projection_tables_not_empty" not in again.stderr
+
+
+async def test_a_projection_may_name_its_tables_as_postgresql_reads_them(empty_dsn):
+    """A schema prefix, or a name created unquoted (stored folded to lowercase): rebuild took them,
+    but the set-up's check for rows it did not write quoted the whole name, and migrate failed on
+    `relation "reports.event_count" does not exist`; so did `migrate --roles`' GRANT."""
+    from structlog.testing import capture_logs
+
+    from pgprojector.migrations import apply_roles
+    from pgprojector.projection import Projection
+
+    async def ignore(conn: asyncpg.Connection, events: object) -> None:
+        return None
+
+    schema = ("CREATE SCHEMA IF NOT EXISTS reports; "
+              "CREATE TABLE IF NOT EXISTS reports.event_count (n BIGINT); CREATE TABLE IF NOT EXISTS EventTally (n BIGINT)")
+    projection = Projection(name="tally", handle=ignore, schema=schema, tables=("reports.event_count", "EventTally"))
+    conn = await db.connect(empty_dsn)
+    try:
+        await migrate(conn, "events")
+        await conn.execute(schema + "; INSERT INTO eventtally VALUES (1)")  # rows it did not write
+        with capture_logs() as logs:
+            await migrate(conn, "events", [projection])
+        assert [entry["table"] for entry in logs if entry["event"] == "projection_tables_not_empty"] == ["EventTally"]
+        await apply_roles(conn, [projection])
+        assert await conn.fetchval("SELECT has_table_privilege('pgprojector_projector', 'reports.event_count', 'INSERT')")
+    finally:
+        await conn.close()

@@ -68,8 +68,8 @@ async def setup_projection(conn: asyncpg.Connection, projection: Projection) -> 
         if registered:
             # A new projection starts at position 0 and takes the rows it finds for its own work: rows
             # written by something else (the seed's own handler, say) would be kept as they are.
-            for table in projection.tables:
-                if await conn.fetchval(f"SELECT EXISTS (SELECT FROM {_quote_ident(table)})"):
+            for table, quoted in (await resolve_tables(conn, projection.tables)).items():
+                if quoted is not None and await conn.fetchval(f"SELECT EXISTS (SELECT FROM {quoted})"):
                     log.warning("projection_tables_not_empty", projection=projection.name, table=table,
                                 hint=f"rows pgprojector did not write stay as they are: `pgprojector rebuild "
                                      f"{projection.name}` builds the table from the log")
@@ -85,15 +85,21 @@ async def apply_roles(conn: asyncpg.Connection, projections: Sequence[Projection
     try:
         await conn.execute(sqlfiles.read_sql("roles.sql"))
         for projection in projections:
-            for table in projection.tables:
-                await conn.execute(f"GRANT ALL ON TABLE {_quote_ident(table)} TO pgprojector_projector")
+            for table, quoted in (await resolve_tables(conn, projection.tables)).items():
+                if quoted is None:
+                    raise ConfigError(f"projection {projection.name}: table {table} does not exist: run "
+                                      "`pgprojector migrate` with the same PGPROJECTOR_PROJECTIONS first")
+                await conn.execute(f"GRANT ALL ON TABLE {quoted} TO pgprojector_projector")
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
     log.info("roles_applied", roles=["pgprojector_producer", "pgprojector_projector"])
 
 
-def _quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+async def resolve_tables(conn: asyncpg.Connection, tables: Sequence[str]) -> dict[str, str | None]:
+    """Each of a projection's `tables` as PostgreSQL reads the name (search path, a schema prefix,
+    case folding), quoted for SQL; None for one that does not exist."""
+    rows = await conn.fetch("SELECT t, to_regclass(t)::text AS quoted FROM unnest($1::text[]) AS t", list(tables))
+    return {row["t"]: row["quoted"] for row in rows}
 
 
 async def schema_version(conn: asyncpg.Connection) -> int | None:

@@ -25,6 +25,7 @@ import structlog
 
 from pgprojector.errors import PgProjectorError
 from pgprojector.listener import Wakeup
+from pgprojector.migrations import resolve_tables
 from pgprojector.projection import Projection
 from pgprojector.retry import TRANSIENT_ERRORS
 from pgprojector.sqlfiles import queries
@@ -171,10 +172,9 @@ class Rebuild:
 
     async def _resolve_tables(self) -> list[str]:
         """The tables as PostgreSQL reads their names (search path, case folding), quoted for SQL."""
-        rows = await self.conn.fetch("SELECT t, to_regclass(t)::text AS quoted FROM unnest($1::text[]) AS t",
-                                     list(self.projection.tables))
-        missing = [row["t"] for row in rows if row["quoted"] is None]
+        resolved = await resolve_tables(self.conn, self.projection.tables)
+        missing = [table for table, quoted in resolved.items() if quoted is None]
         if missing:
             raise RebuildError(f"projection {self.name}: table(s) {', '.join(missing)} do not exist: "
                                "run `pgprojector migrate`")
-        return [row["quoted"] for row in rows]
+        return [quoted for quoted in resolved.values() if quoted is not None]
