@@ -828,3 +828,43 @@ async def test_every_connection_has_keepalives_on_both_ends(conn):
     assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == db.KEEPALIVE_IDLE_S
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == db.USER_TIMEOUT_MS
+
+
+async def test_a_server_that_stops_answering_is_logged_and_does_not_hold_a_stop(dsn, pool, conn, monkeypatch):
+    """Every connection frozen by a proxy, sockets open: the worker waited without a log line, and a
+    stop waited for as long as the freeze lasted. Now batch_slow names the batch held up (here before
+    its BEGIN was answered), and the stop gives up after PGPROJECTOR_STOP_TIMEOUT."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from helpers import FreezableProxy
+    from structlog.testing import capture_logs
+
+    from pgprojector import daemon as daemon_module
+
+    monkeypatch.setattr(daemon_module, "SLOW_BATCH_SECONDS", 1.0)
+    monkeypatch.setattr(daemon_module, "CLOSE_SECONDS", 1.0)
+    parts = urlsplit(dsn)
+    proxy = FreezableProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    port = await proxy.start()
+    proxied = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}"))
+    store = EventStore(pool)
+    await store.append("order_1", "order", [created(1)], expected_version=0)
+    try:
+        with capture_logs() as logs:
+            async with running_daemon(proxied, ["orders"], poll_interval=0.1, stop_timeout=1) as daemon:
+                await wait_caught_up(conn, names=["orders"])
+                proxy.freeze()
+                await store.append("order_1", "order", [confirmed(1)], expected_version=1)
+                with anyio.fail_after(30):
+                    while not any(entry["event"] == "batch_slow" for entry in logs):
+                        await anyio.sleep(0.05)
+                stop_requested = time.monotonic()
+        took = time.monotonic() - stop_requested
+    finally:
+        proxy.thaw()
+        await proxy.close()
+    slow = next(entry for entry in logs if entry["event"] == "batch_slow")
+    assert slow["projection"] == "orders" and slow["backend"].startswith("none yet")
+    assert daemon.stop_forced and took < 10, took
+    assert [entry["unfinished"] for entry in logs if entry["event"] == "stop_timeout"] == [["orders"]]
+    assert await conn.fetchval("SELECT position FROM pgprojector_projections WHERE name = 'orders'") == 1

@@ -255,18 +255,23 @@ class Daemon:
                 if flight is None or now - max(flight.started, reported.get(name, 0.0)) < SLOW_BATCH_SECONDS:
                     continue
                 reported[name] = now
-                details: dict[str, object] = {"backend": "not answering"}
-                with anyio.move_on_after(5):
-                    try:
-                        async with db.acquire(pool) as conn:
-                            row = await conn.fetchrow(queries()["backend_activity"], flight.backend_pid)
-                        details = {"backend": "gone"} if row is None else dict(row)
-                    except Exception as exc:
-                        if not is_transient(exc):
-                            raise
-                        details = {"backend": f"unknown: {db.describe_error(exc)}"}
                 log.warning("batch_slow", projection=name, seconds=round(now - flight.started),
-                            after=flight.after, backend_pid=flight.backend_pid, **details)
+                            after=flight.after, backend_pid=flight.backend_pid,
+                            **await self._backend_activity(pool, flight.backend_pid))
+
+    async def _backend_activity(self, pool: asyncpg.Pool, pid: int | None) -> dict[str, object]:
+        if pid is None:
+            return {"backend": "none yet (waiting for a connection, or for BEGIN)"}
+        with anyio.move_on_after(5):
+            try:
+                async with db.acquire(pool) as conn:
+                    row = await conn.fetchrow(queries()["backend_activity"], pid)
+                return {"backend": "gone"} if row is None else dict(row)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                return {"backend": f"unknown: {db.describe_error(exc)}"}
+        return {"backend": "not answering"}
 
     async def _unregister(self, pool: asyncpg.Pool) -> None:
         try:

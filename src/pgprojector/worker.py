@@ -44,7 +44,7 @@ class InFlight:
     """The transaction a worker has open: what the daemon's watch on slow batches looks at."""
 
     started: float  # anyio.current_time()
-    backend_pid: int
+    backend_pid: int | None = None  # once it has a connection
     after: int | None = None  # the checkpoint, once locked
 
 
@@ -153,9 +153,12 @@ class ProjectionWorker:
         # READ the whole transaction keeps the snapshot of its first statement, taken before the
         # horizon: an appender committing in between is past the horizon but invisible, and skipped.
         span: tuple[int, int, int] | None = None  # the batch's first and last position and size, applied
+        # (from before the connection is taken until after it is back: a pool or a BEGIN that does not
+        # answer holds a batch up too)
+        self.in_flight = InFlight(anyio.current_time())
         try:
             async with db.acquire(self.pool) as conn, conn.transaction(isolation="read_committed"):
-                self.in_flight = InFlight(anyio.current_time(), conn.get_server_pid())
+                self.in_flight.backend_pid = conn.get_server_pid()
                 checkpoint = await conn.fetchrow(sql["lock_checkpoint"], self.projection.name)
                 if checkpoint is None:
                     raise RuntimeError(f"projection {self.projection.name} is not set up: run `pgprojector migrate`")
