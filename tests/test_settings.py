@@ -161,7 +161,8 @@ def test_run_on_an_unmigrated_database_is_a_configuration_error(empty_dsn):
         f"{latest_version()}: run `pgprojector migrate` first")
 
 
-@pytest.mark.parametrize("command", [["status"], ["events"], ["dead-letters"], ["health"], ["resume", "orders"]])
+@pytest.mark.parametrize("command", [["status"], ["events"], ["events", "--follow"], ["dead-letters"], ["health"],
+                                     ["resume", "orders"]])
 def test_every_command_on_an_unmigrated_database_is_the_same_configuration_error(empty_dsn, command):
     """`run` and `rebuild` said so with exit 2; the others said `relation ... does not exist` and exit 1."""
     result = run_cli(*command, dsn=empty_dsn, timeout=60)

@@ -86,6 +86,13 @@ async def test_conflict_inside_callers_transaction_leaves_it_usable(conn):
     assert len(await store.read_stream("y")) == 1
 
 
+def _nested(depth: int) -> dict[str, object]:
+    value: dict[str, object] = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
 @pytest.mark.parametrize(("aggregate_id", "events", "message"), [
     ("o" * 101, [NewEvent("A", {})], "longer than 100"),
     ("", [NewEvent("A", {})], "aggregate_id"),
@@ -101,6 +108,7 @@ async def test_conflict_inside_callers_transaction_leaves_it_usable(conn):
     ("order_1", [NewEvent("A\x00", {})], "event_type contains a NUL"),
     ("order_1", [NewEvent("A", {"\ud800": 1})], "not JSON"),  # a lone surrogate: no character at all
     ("order_1", [NewEvent("A", {}, {"by": "\udfff"})], "not JSON"),
+    ("order_1", [NewEvent("A", _nested(3000))], "not JSON"),  # deeper than json goes: a RecursionError
 ])
 async def test_bad_input_is_refused_before_anything_is_written(pool, aggregate_id, events, message):
     store = EventStore(pool)

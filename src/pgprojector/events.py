@@ -39,7 +39,7 @@ class NewEvent:
         try:
             data = _json_text(self.data)
             metadata = None if self.metadata is None else _json_text(self.metadata)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:  # (nested deeper than json goes)
             raise InvalidEventError(f"{self.event_type}: data is not JSON-serialisable: {exc}") from None
         if "\\u0000" in data or (metadata is not None and "\\u0000" in metadata):
             raise InvalidEventError(f"{self.event_type}: data contains a NUL character, which jsonb cannot store")

@@ -23,6 +23,11 @@ async def migrate(conn: asyncpg.Connection, channel: str, projections: Sequence[
     Returns the names of the migration files applied (empty when nothing was due).
     """
     applied: list[str] = []
+
+    def said(_conn: object, message: asyncpg.PostgresLogMessage) -> None:
+        # what a migration says with RAISE NOTICE (001's adoption of a seed database, say)
+        log.info("migration_notice", message=message.message)
+
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
     try:
         await conn.execute(
@@ -35,9 +40,14 @@ async def migrate(conn: asyncpg.Connection, channel: str, projections: Sequence[
         for number, name, sql in sqlfiles.migrations():
             if number in done:
                 continue
-            async with conn.transaction():
-                await conn.execute(sql)
-                await conn.execute("INSERT INTO pgprojector_migrations (version, name) VALUES ($1, $2)", number, name)
+            conn.add_log_listener(said)
+            try:
+                async with conn.transaction():
+                    await conn.execute(sql)
+                    await conn.execute("INSERT INTO pgprojector_migrations (version, name) VALUES ($1, $2)",
+                                       number, name)
+            finally:
+                conn.remove_log_listener(said)
             log.info("migration_applied", migration=name)
             applied.append(name)
         cache = await position_cache(conn)

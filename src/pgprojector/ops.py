@@ -229,7 +229,13 @@ async def cmd_events(settings: Settings, args: argparse.Namespace) -> int:
                                          from_position=args.after, emit=emit, limit=args.limit)
 
             async def follow(_stopping: anyio.Event) -> int:
-                await follower.run(await _connect(settings, "events"))
+                conn = await _connect(settings, "events")
+                try:  # as every other command: exit 2, where it failed on a missing function with exit 1
+                    await require_current_schema(conn)
+                except BaseException:
+                    conn.terminate()
+                    raise
+                await follower.run(conn)
                 return EXIT_OK
 
             try:
@@ -237,7 +243,7 @@ async def cmd_events(settings: Settings, args: argparse.Namespace) -> int:
             except asyncpg.PostgresError as exc:
                 raise CommandError(db.describe_error(exc)) from None
 
-        limit = args.limit or DEFAULT_EVENTS_LIMIT
+        limit = min(args.limit or DEFAULT_EVENTS_LIMIT, BIGINT_MAX - 1)  # (one more is read, to say so)
 
         async def body(conn: asyncpg.Connection) -> int:
             found = await eventlog.read_events(conn, where, limit + 1)
