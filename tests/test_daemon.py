@@ -853,6 +853,12 @@ async def test_a_server_that_stops_answering_is_logged_and_does_not_hold_a_stop(
         with capture_logs() as logs:
             async with running_daemon(proxied, ["orders"], poll_interval=0.1, stop_timeout=1) as daemon:
                 await wait_caught_up(conn, names=["orders"])
+                # Frozen while the worker is between batches (no await between the look and the
+                # freeze): its next batch is then held up before its BEGIN is answered, the case a
+                # watch that began only once it had a connection missed.
+                with anyio.fail_after(10):
+                    while daemon.workers[0].in_flight is not None:
+                        await anyio.sleep(0)
                 proxy.freeze()
                 await store.append("order_1", "order", [confirmed(1)], expected_version=1)
                 with anyio.fail_after(30):

@@ -15,6 +15,7 @@ from fold import assert_read_models_match_fold
 from helpers import cli_env, run_cli
 
 from pgprojector import EventStore, db
+from pgprojector.errors import ConfigError
 from pgprojector.migrations import latest_version, migrate, position_cache, schema_version
 from pgprojector.projection import load_projections
 
@@ -256,9 +257,10 @@ async def test_a_projection_may_name_its_tables_as_postgresql_reads_them(empty_d
     async def ignore(conn: asyncpg.Connection, events: object) -> None:
         return None
 
-    schema = ("CREATE SCHEMA IF NOT EXISTS reports; "
-              "CREATE TABLE IF NOT EXISTS reports.event_count (n BIGINT); CREATE TABLE IF NOT EXISTS EventTally (n BIGINT)")
-    projection = Projection(name="tally", handle=ignore, schema=schema, tables=("reports.event_count", "EventTally"))
+    schema = ("CREATE SCHEMA IF NOT EXISTS reports; CREATE TABLE IF NOT EXISTS reports.event_count (n BIGINT); "
+              'CREATE TABLE IF NOT EXISTS EventTally (n BIGINT); CREATE TABLE IF NOT EXISTS "Event Log" (n BIGINT)')
+    projection = Projection(name="tally", handle=ignore, schema=schema,
+                            tables=("reports.event_count", "EventTally", "Event Log"))
     conn = await db.connect(empty_dsn)
     try:
         await migrate(conn, "events")
@@ -267,6 +269,11 @@ async def test_a_projection_may_name_its_tables_as_postgresql_reads_them(empty_d
             await migrate(conn, "events", [projection])
         assert [entry["table"] for entry in logs if entry["event"] == "projection_tables_not_empty"] == ["EventTally"]
         await apply_roles(conn, [projection])
-        assert await conn.fetchval("SELECT has_table_privilege('pgprojector_projector', 'reports.event_count', 'INSERT')")
+        for table in ("reports.event_count", '"Event Log"'):
+            assert await conn.fetchval("SELECT has_table_privilege('pgprojector_projector', $1, 'INSERT')", table)
+        # A name that is no table (a typo) is said at set-up, not when a rebuild or a GRANT trips on it.
+        typo = Projection(name="typo", handle=ignore, schema=schema, tables=("reports.event_cuont",))
+        with pytest.raises(ConfigError, match=r"projection typo: its tables \['reports.event_cuont'\] do not exist"):
+            await migrate(conn, "events", [typo])
     finally:
         await conn.close()

@@ -84,6 +84,8 @@ def test_dead_database_is_a_clear_error_without_the_password():
     ("postgresql://admin:Sekr1tPW@127.0.0.1:99999/x", "port"),
     ("postgresql://admin:Sekr1tPW/x", "port"),  # @host forgotten: the password reads as the port
     ("postgresql://admin:Sekr1tPW#more@127.0.0.1/x", "port"),  # an unencoded # ends the address there
+    ("postgresql://admin:12/Sekr1tPW@127.0.0.1:5432/x", "percent-encode"),  # 12 read as the port: printed whole
+    ("postgresql://admin:12#Se/kr1tPW@127.0.0.1:5432/x", "percent-encode"),
     ("postgresql://admin@127.0.0.1/x?sslmode=bogus&password=Sekr1tPW", "sslmode"),  # refused by asyncpg
     ("  ", "empty"),
 ])
@@ -99,7 +101,8 @@ def test_a_malformed_dsn_is_a_usage_error_that_never_shows_the_password(command,
 
 
 @pytest.mark.parametrize("given", ["POSTGRESQL://admin@127.0.0.1:1/x", " postgresql://admin@127.0.0.1:1/x",
-                                   "postgresql://admin@[::1]:1,127.0.0.1:1/x", "postgres:///x?host=/nonexistent"])
+                                   "postgresql://admin@[::1]:1,127.0.0.1:1/x", "postgres:///x?host=/nonexistent",
+                                   "postgresql://admin@127.0.0.1:1/x?application_name=a@b"])
 def test_every_url_asyncpg_takes_is_taken(given):
     result = run_cli("status", dsn=given, timeout=60)
     assert result.returncode == 1 and "cannot connect" in result.stderr, result.stderr

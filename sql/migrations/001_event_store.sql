@@ -34,7 +34,7 @@ BEGIN
                     FROM events) settled) ordered
         WHERE e.id = ordered.id;
         ALTER TABLE events ALTER COLUMN position SET NOT NULL, ADD UNIQUE (position);
-        RAISE NOTICE 'events: adopted, % events given positions', (SELECT count(*) FROM events);
+        RAISE INFO 'events: adopted, % events given positions', (SELECT count(*) FROM events);
     END IF;
 END
 $$;

@@ -169,9 +169,9 @@ class Daemon:
                     pool.terminate()
                 if isinstance(exc, asyncpg.InsufficientPrivilegeError):
                     # Its role may not read pgprojector's own tables: waiting will not grant it.
-                    raise ConfigError(f"{db.describe_error(exc)}: the daemon's role needs the grants of "
-                                      "pgprojector_projector (`pgprojector migrate --roles`, then "
-                                      "GRANT pgprojector_projector TO the role)") from None
+                    raise ConfigError(f"{db.describe_error(exc)}: the daemon's role needs CONNECT on the database "
+                                      "and the grants of pgprojector_projector (`pgprojector migrate --roles`, "
+                                      "then GRANT pgprojector_projector TO the role)") from None
                 if isinstance(exc, SchemaBehindError):
                     # A rolling deploy that starts the new daemons before `migrate`: the old ones go
                     # on meanwhile (a newer schema serves them), this one waits for it.

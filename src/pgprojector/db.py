@@ -15,8 +15,8 @@ from pgprojector.errors import ConfigError
 from pgprojector.retry import is_transient
 
 APPLICATION_NAME = "pgprojector"
-# (up to the last @ before the path: a password may hold an @ its writer did not percent-encode)
-_PASSWORD_IN_URL = re.compile(r"(?P<head>^\s*[a-zA-Z][\w+.-]*://[^:/@]*:)(?P<password>[^/?]*)(?P<tail>@)")
+# (up to the last @ before the query: a password may hold an @ / # its writer did not percent-encode)
+_PASSWORD_IN_URL = re.compile(r"(?P<head>^\s*[a-zA-Z][\w+.-]*://[^:/@]*:)(?P<password>[^?]*)(?P<tail>@)")
 _PASSWORD_PARAM = re.compile(r"(?P<head>[?&]password=)(?P<password>[^&]*)", re.IGNORECASE)
 # The libpq keyword form (host=... password=...), which is refused (dsn_problem) but must not be echoed.
 _PASSWORD_KEYWORD = re.compile(r"(?P<head>(?:^|\s)password\s*=\s*)(?P<password>'(?:[^'\\]|\\.)*'|\S*)", re.IGNORECASE)
@@ -32,8 +32,14 @@ def dsn_problem(dsn: str) -> str | None:
     if not dsn.lower().startswith(_URL_SCHEMES):
         return ("must be a URL, postgresql://user:password@host:port/database (not the libpq keyword form "
                 "host=... dbname=...)")
-    # (where asyncpg's URL parser ends the address: an unencoded # in a password ends it too)
-    authority = re.split(r"[/?#]", dsn.split("://", 1)[1], maxsplit=1)[0]
+    rest = dsn.split("://", 1)[1]
+    # (where asyncpg's URL parser ends the address: an unencoded / or # in a password ends it too,
+    # leaving an @ in what it takes for the database name, and the password in messages)
+    end = re.search(r"[/?#]", rest)
+    authority, after = (rest[:end.start()], rest[end.start():]) if end else (rest, "")
+    if "@" not in authority and "@" in after.split("?", 1)[0]:
+        return ("has an @ after a / or # that asyncpg reads as the end of the host: percent-encode @ # / ? in a "
+                "password (postgresql://user:password@host:port/database)")
     hosts = authority.rpartition("@")[2]
     for host in hosts.split(","):
         port = host.rpartition("]")[2] if host.startswith("[") else host

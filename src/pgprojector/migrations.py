@@ -25,8 +25,12 @@ async def migrate(conn: asyncpg.Connection, channel: str, projections: Sequence[
     applied: list[str] = []
 
     def said(_conn: object, message: asyncpg.PostgresLogMessage) -> None:
-        # what a migration says with RAISE NOTICE (001's adoption of a seed database, say)
-        log.info("migration_notice", message=message.message)
+        # What a migration says on purpose, with RAISE INFO (001's adoption of a seed database); the
+        # server's own NOTICEs (`... does not exist, skipping`) only at debug.
+        if message.severity_en == "INFO":
+            log.info("migration_notice", message=message.message)
+        else:
+            log.debug("migration_notice", message=message.message)
 
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
     try:
@@ -75,11 +79,17 @@ async def setup_projection(conn: asyncpg.Connection, projection: Projection) -> 
         registered = await conn.fetchval(
             "INSERT INTO pgprojector_projections (name) VALUES ($1) ON CONFLICT (name) DO NOTHING RETURNING true",
             projection.name)
+        tables = await resolve_tables(conn, projection.tables)
+        missing = [table for table, quoted in tables.items() if quoted is None]
+        if missing:
+            # (rebuild empties them and `migrate --roles` grants them: a typo would fail there, later)
+            raise ConfigError(f"projection {projection.name}: its tables {missing} do not exist after its schema "
+                              "ran: name each as SQL does (schema.table, \"Quoted\") or exactly as created")
         if registered:
             # A new projection starts at position 0 and takes the rows it finds for its own work: rows
             # written by something else (the seed's own handler, say) would be kept as they are.
-            for table, quoted in (await resolve_tables(conn, projection.tables)).items():
-                if quoted is not None and await conn.fetchval(f"SELECT EXISTS (SELECT FROM {quoted})"):
+            for table, quoted in tables.items():
+                if await conn.fetchval(f"SELECT EXISTS (SELECT FROM {quoted})"):
                     log.warning("projection_tables_not_empty", projection=projection.name, table=table,
                                 hint=f"rows pgprojector did not write stay as they are: `pgprojector rebuild "
                                      f"{projection.name}` builds the table from the log")
@@ -106,10 +116,19 @@ async def apply_roles(conn: asyncpg.Connection, projections: Sequence[Projection
 
 
 async def resolve_tables(conn: asyncpg.Connection, tables: Sequence[str]) -> dict[str, str | None]:
-    """Each of a projection's `tables` as PostgreSQL reads the name (search path, a schema prefix,
-    case folding), quoted for SQL; None for one that does not exist."""
-    rows = await conn.fetch("SELECT t, to_regclass(t)::text AS quoted FROM unnest($1::text[]) AS t", list(tables))
-    return {row["t"]: row["quoted"] for row in rows}
+    """Each of a projection's `tables`, quoted for SQL: the table of exactly that name if there is one
+    (`EventTally`, `event tally`), else the name as SQL reads it (a schema prefix, case folding,
+    `"Quoted"`); None for one that does not exist."""
+    resolved: dict[str, str | None] = {}
+    for table in tables:
+        quoted = await conn.fetchval("SELECT to_regclass(quote_ident($1))::text", table)
+        if quoted is None:
+            try:
+                quoted = await conn.fetchval("SELECT to_regclass($1)::text", table)
+            except asyncpg.InvalidNameError:  # no SQL name either ("a b", unquoted)
+                quoted = None
+        resolved[table] = quoted
+    return resolved
 
 
 async def schema_version(conn: asyncpg.Connection) -> int | None:
