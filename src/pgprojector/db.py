@@ -97,7 +97,7 @@ async def init_connection(conn: asyncpg.Connection) -> None:
 
 
 def _client_keepalive(conn: asyncpg.Connection) -> None:
-    # asyncpg has no option for it: the socket, through its transport (tests/test_daemon_resilience.py checks
+    # asyncpg has no option for it: the socket, through its transport (tests/test_daemon.py checks
     # that this still reaches it).
     transport = getattr(conn, "_transport", None)
     sock = transport.get_extra_info("socket") if transport is not None else None

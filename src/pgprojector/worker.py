@@ -41,7 +41,8 @@ class Batch:
 
 @dataclass
 class InFlight:
-    """The transaction a worker has open: what the daemon's watch on slow batches looks at."""
+    """The batch a worker has in hand, from taking a connection to giving it back: what the daemon's
+    watch on slow batches and its stop timeout look at."""
 
     started: float  # anyio.current_time()
     backend_pid: int | None = None  # once it has a connection
