@@ -537,14 +537,14 @@ async def test_stop_signal_mid_catch_up_commits_the_batch_in_hand_and_exits_0(ds
         await conn.close()
 
 
-async def _blocked_daemon(conn: asyncpg.Connection, locker: asyncpg.Connection, tmp_path,
+async def _blocked_daemon(dsn: str, conn: asyncpg.Connection, locker: asyncpg.Connection, tmp_path,
                           **settings: str) -> h.DaemonProcess:
     """A daemon whose orders batch cannot finish: `locker` holds read_model_orders locked (a migration,
     say) while an event waits to be applied."""
     await EventStore(conn).append("order_1", "order", [NewEvent("OrderCreated", {
         "order_id": 1, "user_id": 7, "user_name": "u", "items": [], "total_amount": "1.00",
         "delivery_address": "x"})], expected_version=0)
-    daemon = h.DaemonProcess(conn_dsn(conn), tmp_path / "daemon.log", projections="orders", **settings)
+    daemon = h.DaemonProcess(dsn, tmp_path / "daemon.log", projections="orders", **settings)
     await h.wait_caught_up(conn, ["orders"], timeout=30, daemons=[daemon])
     await locker.execute("BEGIN; LOCK TABLE read_model_orders IN ACCESS EXCLUSIVE MODE")
     await EventStore(conn).append("order_1", "order", [NewEvent("OrderPickedUp", {"order_id": 1})], expected_version=1)
@@ -556,12 +556,6 @@ async def _blocked_daemon(conn: asyncpg.Connection, locker: asyncpg.Connection, 
     return daemon
 
 
-def conn_dsn(conn: asyncpg.Connection) -> str:
-    params = conn._params  # noqa: SLF001 - the test's own connection: where the daemon should go too
-    address = conn._addr  # noqa: SLF001
-    return f"postgresql://{params.user}@{address[0]}:{address[1]}/{params.database}"
-
-
 async def test_a_batch_that_cannot_finish_holds_a_stop_for_the_stop_timeout_only(dsn, tmp_path):
     """A read model locked by someone else: the stop waited for the lock, however long it was held.
     Now the batch is rolled back after PGPROJECTOR_STOP_TIMEOUT and the daemon exits 1, its
@@ -569,7 +563,7 @@ async def test_a_batch_that_cannot_finish_holds_a_stop_for_the_stop_timeout_only
     conn, locker = await _harness_conn(dsn), await _harness_conn(dsn, "test-locker")
     daemon = None
     try:
-        daemon = await _blocked_daemon(conn, locker, tmp_path, stop_timeout="2")
+        daemon = await _blocked_daemon(dsn, conn, locker, tmp_path, stop_timeout="2")
         sent = time.monotonic()
         daemon.send(signal.SIGTERM)
         assert await daemon.wait_exit(15) == 1, daemon.tail()
@@ -600,7 +594,7 @@ async def test_a_second_signal_stops_a_daemon_whose_batch_cannot_finish_at_once(
     conn, locker = await _harness_conn(dsn), await _harness_conn(dsn, "test-locker")
     daemon = None
     try:
-        daemon = await _blocked_daemon(conn, locker, tmp_path, stop_timeout="600")
+        daemon = await _blocked_daemon(dsn, conn, locker, tmp_path, stop_timeout="600")
         daemon.send(signal.SIGTERM)
         await daemon.wait_for_log("stop_requested", timeout=10)
         sent = time.monotonic()
