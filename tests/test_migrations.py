@@ -271,9 +271,12 @@ async def test_a_projection_may_name_its_tables_as_postgresql_reads_them(empty_d
         await apply_roles(conn, [projection])
         for table in ("reports.event_count", '"Event Log"'):
             assert await conn.fetchval("SELECT has_table_privilege('pgprojector_projector', $1, 'INSERT')", table)
-        # A name that is no table (a typo) is said at set-up, not when a rebuild or a GRANT trips on it.
-        typo = Projection(name="typo", handle=ignore, schema=schema, tables=("reports.event_cuont",))
-        with pytest.raises(ConfigError, match=r"projection typo: its tables \['reports.event_cuont'\] do not exist"):
-            await migrate(conn, "events", [typo])
+        # A name that is no table (a typo, a view, no SQL name at all) is said at set-up, not when a
+        # rebuild's TRUNCATE or a GRANT trips on it.
+        for wrong in ("reports.event_cuont", "reports.counts_view", "a.b.c.d"):
+            typo = Projection(name="typo", handle=ignore, tables=(wrong,),
+                              schema=schema + "; CREATE OR REPLACE VIEW reports.counts_view AS SELECT 1 AS n")
+            with pytest.raises(ConfigError, match=rf"projection typo: its tables \['{wrong}'\] are no tables"):
+                await migrate(conn, "events", [typo])
     finally:
         await conn.close()

@@ -102,7 +102,8 @@ def test_a_malformed_dsn_is_a_usage_error_that_never_shows_the_password(command,
 
 @pytest.mark.parametrize("given", ["POSTGRESQL://admin@127.0.0.1:1/x", " postgresql://admin@127.0.0.1:1/x",
                                    "postgresql://admin@[::1]:1,127.0.0.1:1/x", "postgres:///x?host=/nonexistent",
-                                   "postgresql://admin@127.0.0.1:1/x?application_name=a@b"])
+                                   "postgresql://admin@127.0.0.1:1/x?application_name=a@b",
+                                   "postgresql://127.0.0.1:1/team@corp"])  # a database name with an @
 def test_every_url_asyncpg_takes_is_taken(given):
     result = run_cli("status", dsn=given, timeout=60)
     assert result.returncode == 1 and "cannot connect" in result.stderr, result.stderr
@@ -113,7 +114,8 @@ def test_redaction_knows_every_form_of_password():
                           ("postgresql://u:ab@Sekr1tPW@h/db", "ab@Sekr1tPW"),  # an @ not percent-encoded
                           ("postgresql://u@h/db?sslmode=disable&password=Sekr1tPW", "Sekr1tPW"),
                           ("host=h password=Sekr1tPW dbname=db", "Sekr1tPW"),
-                          ("host=h password='Sekr1t PW' dbname=db", "Sekr1t PW")]:
+                          ("host=h password='Sekr1t PW' dbname=db", "Sekr1t PW"),
+                          ("postgresql://admin:12?Sekr1tPW=1@127.0.0.1:1/x", "12?Sekr1tPW=1")]:  # an unencoded ?
         assert "Sekr1t" not in db.redact_dsn(dsn)
         assert "Sekr1t" not in db.redact(f"failed: {password} (in {dsn})", dsn)
 

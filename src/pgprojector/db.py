@@ -17,6 +17,9 @@ from pgprojector.retry import is_transient
 APPLICATION_NAME = "pgprojector"
 # (up to the last @ before the query: a password may hold an @ / # its writer did not percent-encode)
 _PASSWORD_IN_URL = re.compile(r"(?P<head>^\s*[a-zA-Z][\w+.-]*://[^:/@]*:)(?P<password>[^?]*)(?P<tail>@)")
+# Where that finds none, a password may hold an unencoded ? (asyncpg reads the rest as a query): then
+# everything up to the last @ is hidden, host included, rather than risk it.
+_PASSWORD_IN_URL_WITH_QUERY = re.compile(r"(?P<head>^\s*[a-zA-Z][\w+.-]*://[^:/@]*:)(?P<password>.*)(?P<tail>@)")
 _PASSWORD_PARAM = re.compile(r"(?P<head>[?&]password=)(?P<password>[^&]*)", re.IGNORECASE)
 # The libpq keyword form (host=... password=...), which is refused (dsn_problem) but must not be echoed.
 _PASSWORD_KEYWORD = re.compile(r"(?P<head>(?:^|\s)password\s*=\s*)(?P<password>'(?:[^'\\]|\\.)*'|\S*)", re.IGNORECASE)
@@ -34,10 +37,12 @@ def dsn_problem(dsn: str) -> str | None:
                 "host=... dbname=...)")
     rest = dsn.split("://", 1)[1]
     # (where asyncpg's URL parser ends the address: an unencoded / or # in a password ends it too,
-    # leaving an @ in what it takes for the database name, and the password in messages)
+    # leaving `@host...` in what it takes for the database name, and the password in messages; a
+    # database name may hold an @ itself, `team@corp`, but not a host and a path or port after it)
     end = re.search(r"[/?#]", rest)
     authority, after = (rest[:end.start()], rest[end.start():]) if end else (rest, "")
-    if "@" not in authority and "@" in after.split("?", 1)[0]:
+    path = after.split("?", 1)[0]
+    if "@" not in authority and "@" in path and re.search(r"/|:[0-9]+$", path.rpartition("@")[2]):
         return ("has an @ after a / or # that asyncpg reads as the end of the host: percent-encode @ # / ? in a "
                 "password (postgresql://user:password@host:port/database)")
     hosts = authority.rpartition("@")[2]
@@ -51,9 +56,13 @@ def dsn_problem(dsn: str) -> str | None:
     return None
 
 
+def _url_password(dsn: str) -> re.Pattern[str]:
+    return _PASSWORD_IN_URL if _PASSWORD_IN_URL.search(dsn) else _PASSWORD_IN_URL_WITH_QUERY
+
+
 def redact_dsn(dsn: str) -> str:
     """The DSN with any password replaced by ***."""
-    dsn = _PASSWORD_IN_URL.sub(r"\g<head>***\g<tail>", dsn)
+    dsn = _url_password(dsn).sub(r"\g<head>***\g<tail>", dsn)
     dsn = _PASSWORD_PARAM.sub(r"\g<head>***", dsn)
     return _PASSWORD_KEYWORD.sub(r"\g<head>***", dsn)
 
@@ -62,7 +71,7 @@ def redact(text: str, dsn: str | None) -> str:
     """`text` with the DSN's password (if any) removed, for error messages built from driver errors."""
     if not dsn:
         return text
-    for pattern in (_PASSWORD_IN_URL, _PASSWORD_PARAM, _PASSWORD_KEYWORD):
+    for pattern in (_url_password(dsn), _PASSWORD_PARAM, _PASSWORD_KEYWORD):
         match = pattern.search(dsn)
         password = match.group("password") if match else ""
         if password.startswith("'"):  # the keyword form's quoting; a driver's message shows the value

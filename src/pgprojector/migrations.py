@@ -83,7 +83,7 @@ async def setup_projection(conn: asyncpg.Connection, projection: Projection) -> 
         missing = [table for table, quoted in tables.items() if quoted is None]
         if missing:
             # (rebuild empties them and `migrate --roles` grants them: a typo would fail there, later)
-            raise ConfigError(f"projection {projection.name}: its tables {missing} do not exist after its schema "
+            raise ConfigError(f"projection {projection.name}: its tables {missing} are no tables after its schema "
                               "ran: name each as SQL does (schema.table, \"Quoted\") or exactly as created")
         if registered:
             # A new projection starts at position 0 and takes the rows it finds for its own work: rows
@@ -116,17 +116,22 @@ async def apply_roles(conn: asyncpg.Connection, projections: Sequence[Projection
 
 
 async def resolve_tables(conn: asyncpg.Connection, tables: Sequence[str]) -> dict[str, str | None]:
-    """Each of a projection's `tables`, quoted for SQL: the table of exactly that name if there is one
-    (`EventTally`, `event tally`), else the name as SQL reads it (a schema prefix, case folding,
-    `"Quoted"`); None for one that does not exist."""
+    """Each of a projection's `tables`, quoted for SQL: the name as SQL reads it (a schema prefix, case
+    folding, `"Quoted"`), as rebuild always took it, else the table of exactly that name (`event
+    tally`, a quoted `EventTally`); None for one that is no table (or partitioned table) either way."""
     resolved: dict[str, str | None] = {}
     for table in tables:
-        quoted = await conn.fetchval("SELECT to_regclass(quote_ident($1))::text", table)
-        if quoted is None:
+        quoted = None
+        for name in ("$1", "quote_ident($1)"):
             try:
-                quoted = await conn.fetchval("SELECT to_regclass($1)::text", table)
-            except asyncpg.InvalidNameError:  # no SQL name either ("a b", unquoted)
+                async with conn.transaction():  # (a savepoint inside set-up's transaction)
+                    quoted = await conn.fetchval(
+                        f"SELECT c.oid::regclass::text FROM pg_class c WHERE c.oid = to_regclass({name}) "
+                        "AND c.relkind IN ('r', 'p')", table)
+            except asyncpg.PostgresError:  # no SQL name ("a b", "a.b.c.d", another database's)
                 quoted = None
+            if quoted is not None:
+                break
         resolved[table] = quoted
     return resolved
 
