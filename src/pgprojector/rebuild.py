@@ -175,6 +175,6 @@ class Rebuild:
         resolved = await resolve_tables(self.conn, self.projection.tables)
         missing = [table for table, quoted in resolved.items() if quoted is None]
         if missing:
-            raise RebuildError(f"projection {self.name}: table(s) {', '.join(missing)} do not exist: "
+            raise RebuildError(f"projection {self.name}: {', '.join(missing)} are no tables (missing, or a view): "
                                "run `pgprojector migrate`")
         return [quoted for quoted in resolved.values() if quoted is not None]
