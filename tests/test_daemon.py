@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import anyio
 import asyncpg
@@ -38,6 +39,13 @@ async def running_daemon(dsn: str, projections: list[str] = ALL, **settings: obj
             yield daemon
         finally:
             daemon.request_stop()
+
+
+async def until_logged(logs: list[dict[str, Any]], event: str, timeout: float = 30.0) -> None:
+    """Until structlog's capture_logs() list holds `event`."""
+    with anyio.fail_after(timeout):
+        while not any(entry["event"] == event for entry in logs):
+            await anyio.sleep(0.02)
 
 
 async def wait_caught_up(conn: asyncpg.Connection, timeout: float = 30.0, names: list[str] | None = None) -> None:
@@ -804,9 +812,7 @@ async def test_a_batch_held_up_is_logged_with_what_its_backend_waits_for(dsn, po
                 await wait_caught_up(conn, names=["orders"])
                 await locker.execute("BEGIN; LOCK TABLE read_model_orders IN ACCESS EXCLUSIVE MODE")
                 await store.append("order_1", "order", [confirmed(1)], expected_version=1)
-                with anyio.fail_after(30):
-                    while not any(entry["event"] == "batch_slow" for entry in logs):
-                        await anyio.sleep(0.05)
+                await until_logged(logs, "batch_slow")
                 await locker.execute("ROLLBACK")
                 await wait_caught_up(conn, names=["orders"])
     finally:
@@ -861,9 +867,7 @@ async def test_a_server_that_stops_answering_is_logged_and_does_not_hold_a_stop(
                         await anyio.sleep(0)
                 proxy.freeze()
                 await store.append("order_1", "order", [confirmed(1)], expected_version=1)
-                with anyio.fail_after(30):
-                    while not any(entry["event"] == "batch_slow" for entry in logs):
-                        await anyio.sleep(0.05)
+                await until_logged(logs, "batch_slow")
                 stop_requested = time.monotonic()
         took = time.monotonic() - stop_requested
     finally:

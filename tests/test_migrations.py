@@ -85,13 +85,11 @@ async def test_channel_setting_moves_the_notify_trigger(empty_dsn):
 async def test_a_daemon_listening_on_another_channel_than_the_trigger_notifies_says_so(dsn):
     """It went unnoticed: the daemon saw new events only at each poll interval."""
     from structlog.testing import capture_logs
-    from test_daemon import running_daemon
+    from test_daemon import running_daemon, until_logged
 
     with capture_logs() as logs:
         async with running_daemon(dsn, ["orders"], channel="orders_feed", poll_interval=0.1):
-            with anyio.fail_after(30):
-                while not any(entry["event"] == "daemon_started" for entry in logs):
-                    await anyio.sleep(0.02)
+            await until_logged(logs, "daemon_started")
     mismatches = [entry for entry in logs if entry["event"] == "channel_mismatch"]
     assert [(m["listening"], m["notified"]) for m in mismatches] == [("orders_feed", "events")]
 
