@@ -16,10 +16,11 @@ from pgprojector.retry import is_transient
 
 APPLICATION_NAME = "pgprojector"
 # (up to the last @ before the query: a password may hold an @ / # its writer did not percent-encode)
-_PASSWORD_IN_URL = re.compile(r"(?P<head>^\s*[a-zA-Z][\w+.-]*://[^:/@]*:)(?P<password>[^?]*)(?P<tail>@)")
+_URL_UP_TO_PASSWORD = r"(?P<head>^\s*[a-zA-Z][\w+.-]*://[^:/@]*:)"
+_PASSWORD_IN_URL = re.compile(_URL_UP_TO_PASSWORD + r"(?P<password>[^?]*)(?P<tail>@)")
 # Where that finds none, a password may hold an unencoded ? (asyncpg reads the rest as a query): then
 # everything up to the last @ is hidden, host included, rather than risk it.
-_PASSWORD_IN_URL_WITH_QUERY = re.compile(r"(?P<head>^\s*[a-zA-Z][\w+.-]*://[^:/@]*:)(?P<password>.*)(?P<tail>@)")
+_PASSWORD_IN_URL_WITH_QUERY = re.compile(_URL_UP_TO_PASSWORD + r"(?P<password>.*)(?P<tail>@)")
 _PASSWORD_PARAM = re.compile(r"(?P<head>[?&]password=)(?P<password>[^&]*)", re.IGNORECASE)
 # The libpq keyword form (host=... password=...), which is refused (dsn_problem) but must not be echoed.
 _PASSWORD_KEYWORD = re.compile(r"(?P<head>(?:^|\s)password\s*=\s*)(?P<password>'(?:[^'\\]|\\.)*'|\S*)", re.IGNORECASE)
