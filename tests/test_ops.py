@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -20,7 +21,7 @@ import pytest
 from helpers import cli_env, run_cli
 from test_daemon import running_daemon
 
-from pgprojector import EventStore, NewEvent, Projection, RecordedEvent, db
+from pgprojector import EventStore, NewEvent, Projection, RecordedEvent, db, eventlog
 from pgprojector.demo import OrderPlan, Stats, plan_order, produce
 from pgprojector.migrations import migrate
 
@@ -169,6 +170,31 @@ async def test_events_lists_the_log_for_people_and_for_scripts(conn, dsn):
     for (args, expected), result in zip(filtered.items(), results, strict=False):
         assert [e["position"] for e in json_lines(result)] == expected, args
     assert [result.returncode for result in results[len(filtered):]] == [2] * len(bad)
+
+
+async def test_events_reads_the_log_through_a_cursor_not_into_memory(conn, dsn):
+    """A large --limit is printed as it is read: the log comes through a cursor, a chunk per round
+    trip, in one read-only transaction that ends when the reader stops early."""
+    await conn.execute("INSERT INTO events (aggregate_id, aggregate_type, event_type, data, version) "
+                       "SELECT 'order_' || n, 'order', 'OrderCreated', jsonb_build_object('order_id', n), 1 "
+                       "FROM generate_series(1, 1200) n")
+    reader = await asyncpg.connect(dsn)
+    try:
+        seen: list[int] = []
+        async with contextlib.aclosing(eventlog.read_events(reader, eventlog.EventFilter(), 1000)) as found:
+            async for event in found:
+                if not seen:
+                    portals = await reader.fetchval("SELECT count(*) FROM pg_cursors WHERE name <> ''")  # (not this query's)
+                    assert portals == 1 and reader.is_in_transaction()
+                seen.append(event.position)
+                if len(seen) == 700:
+                    break
+        assert seen == list(range(1, 701))
+        assert not reader.is_in_transaction()
+        async with contextlib.aclosing(eventlog.read_events(reader, eventlog.EventFilter(after=100), 1000)) as found:
+            assert [event.position async for event in found] == list(range(101, 1101))  # (the limit)
+    finally:
+        await reader.close()
 
 
 async def test_events_as_of_gives_an_aggregate_as_it_stood_then(conn, dsn):

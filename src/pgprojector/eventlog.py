@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +21,7 @@ from pgprojector.store import EventStore
 log = structlog.get_logger("pgprojector.events")
 
 FOLLOW_BATCH = 500
+READ_CHUNK = 500  # rows per round trip when reading the log once
 MAX_DATA_TEXT = 300  # of the compact JSON in a human-readable line; --json prints it all
 
 _READ = """
@@ -68,14 +69,24 @@ def human_line(event: RecordedEvent) -> str:
     return f"{event.position:>10}  {created}  {event.aggregate_id} v{event.version}  {event.event_type}  {data}"
 
 
-async def read_events(conn: asyncpg.Connection, where: EventFilter, limit: int) -> list[RecordedEvent]:
-    """Up to `limit` committed events: an aggregate's in version order, otherwise in log order."""
+async def read_events(conn: asyncpg.Connection, where: EventFilter, limit: int) -> AsyncGenerator[RecordedEvent, None]:
+    """Up to `limit` committed events: an aggregate's in version order, otherwise in log order.
+
+    The log is read through a cursor, READ_CHUNK rows at a time, in one read-only transaction (one
+    snapshot): a large `limit` is printed as it is read, never held in memory. (An aggregate's
+    history is read whole, as `EventStore.read_stream` gives it.) Close the iterator when done
+    with it early (`contextlib.aclosing`): that ends the transaction.
+    """
     if where.aggregate_id is not None:
         history = await EventStore(conn).read_stream(where.aggregate_id, as_of=where.as_of)
-        return [event for event in history if where.matches(event)][:limit]
-    rows = await conn.fetch(_READ, where.after, None, None, list(where.event_types) if where.event_types else None,
-                            where.as_of, limit)
-    return [RecordedEvent.from_record(row) for row in rows]
+        for event in [event for event in history if where.matches(event)][:limit]:
+            yield event
+        return
+    async with conn.transaction(readonly=True):
+        async for row in conn.cursor(_READ, where.after, None, None,
+                                     list(where.event_types) if where.event_types else None, where.as_of, limit,
+                                     prefetch=READ_CHUNK):
+            yield RecordedEvent.from_record(row)
 
 
 class Follower:

@@ -7,6 +7,7 @@ cli.py imports this module, so this one imports cli's helpers inside the handler
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -246,15 +247,21 @@ async def cmd_events(settings: Settings, args: argparse.Namespace) -> int:
         limit = min(args.limit or DEFAULT_EVENTS_LIMIT, BIGINT_MAX - 1)  # (one more is read, to say so)
 
         async def body(conn: asyncpg.Connection) -> int:
-            found = await eventlog.read_events(conn, where, limit + 1)
-            for event in found[:limit]:
-                emit(event)
-            if len(found) > limit:
-                more = ("use a larger --limit" if args.aggregate is not None
-                        else f"continue with --after {found[limit - 1].position}")
-                print(f"({limit} events shown, more follow: {more})", file=sys.stderr)
+            shown, last, more = 0, None, False
+            async with contextlib.aclosing(eventlog.read_events(conn, where, limit + 1)) as found:
+                async for event in found:
+                    if shown == limit:
+                        more = True
+                        break
+                    emit(event)
+                    shown, last = shown + 1, event
+            if more:
+                assert last is not None
+                more_hint = ("use a larger --limit" if args.aggregate is not None
+                             else f"continue with --after {last.position}")
+                print(f"({limit} events shown, more follow: {more_hint})", file=sys.stderr)
             elif args.aggregate is not None and args.as_of is not None and not args.event_types:
-                version = found[-1].version if found else 0
+                version = last.version if last is not None else 0
                 print(f"({args.aggregate} as of {args.as_of.isoformat()}: version {version})", file=sys.stderr)
             return EXIT_OK
 
