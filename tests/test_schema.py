@@ -296,3 +296,107 @@ async def test_a_producers_temporary_objects_do_not_stand_in_for_the_log(dsn):
     finally:
         await producer.close()
         await other.close()
+
+
+# Each returns a wrong answer, for the types the triggers' operators take (bigint and integer,
+# character varying and text). Created in a schema the producer puts ahead of pg_catalog.
+HIJACKED_OPERATORS = [
+    ("+", "bigint", "integer", "bigint", "$1 OPERATOR(pg_catalog.+) $2 OPERATOR(pg_catalog.+) 1000"),
+    ("+", "bigint", "bigint", "bigint", "$1 OPERATOR(pg_catalog.+) $2 OPERATOR(pg_catalog.+) 1000"),
+    (">", "bigint", "bigint", "boolean", "false"),
+    (">", "bigint", "integer", "boolean", "false"),
+    ("<", "bigint", "bigint", "boolean", "false"),
+    ("<", "bigint", "integer", "boolean", "false"),
+    ("<=", "bigint", "bigint", "boolean", "false"),
+    ("=", "bigint", "integer", "boolean", "false"),
+    ("=", "character varying", "character varying", "boolean", "false"),
+    ("<>", "character varying", "text", "boolean", "false"),
+    ("!~", "text", "text", "boolean", "false"),
+]
+
+
+async def test_a_producers_own_operators_and_functions_change_nothing(dsn):
+    """Operators and functions resolve through the inserting session's search_path too: a producer
+    that puts a schema of its own ahead of pg_catalog must not move its marker above its positions
+    (an event skipped), pass a version gap (versions out of order), or silence the notification."""
+    producer = await db.connect(dsn)
+    observer = await db.connect(dsn)
+    woken: list[str] = []
+    try:
+        await observer.add_listener("events", lambda _conn, _pid, _channel, payload: woken.append(payload))
+        await producer.execute("CREATE SCHEMA mine; CREATE FUNCTION mine.pg_notify(text, text) RETURNS void "
+                               "LANGUAGE sql AS 'SELECT'")
+        for number, (name, left, right, returns, body) in enumerate(HIJACKED_OPERATORS):
+            await producer.execute(f"CREATE FUNCTION mine.f{number}({left}, {right}) RETURNS {returns} "
+                                   f"LANGUAGE sql AS 'SELECT {body}'; "
+                                   f"CREATE OPERATOR mine.{name} (LEFTARG = {left}, RIGHTARG = {right}, "
+                                   f"FUNCTION = mine.f{number})")
+        await producer.execute("SET search_path = mine, pg_catalog, public")
+
+        await producer.execute(INSERT, "order_5", "E", "{}", 1)
+        with pytest.raises(asyncpg.CheckViolationError, match="expected version 2, got 3"):
+            await producer.execute(INSERT, "order_5", "E", "{}", 3)
+        async with producer.transaction():
+            await producer.execute(INSERT, "order_6", "E", "{}", 1)
+            position = await observer.fetchval("SELECT max(position) FROM events")  # (only committed ones)
+            drawn = await producer.fetchval("SELECT max(position) FROM events")  # (its own too)
+            markers = await observer.fetch("SELECT marker FROM pgprojector_in_flight_appenders")
+            assert [m["marker"] for m in markers] == [drawn] and position == drawn - 1
+            assert await observer.fetchval("SELECT horizon FROM pgprojector_horizon()") == drawn - 1
+        for _ in range(100):
+            if len(woken) == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert woken == ["", ""]  # one notification per committed append
+    finally:
+        await producer.close()
+        await observer.close()
+
+
+async def test_a_gap_in_an_adopted_history_is_never_filled_in(conn):
+    """A history with a gap (a seed table adopted by migrate, or events appended with the rules
+    off) goes on above its latest version: the missing one, appended later, would be read after
+    the versions above it."""
+    await conn.execute("SET session_replication_role = replica")  # (the rules off, as pg_restore can)
+    await conn.execute("INSERT INTO events (aggregate_id, aggregate_type, event_type, data, version, position) "
+                       "VALUES ('order_9', 'order', 'E', '{}', 1, 1), ('order_9', 'order', 'E', '{}', 3, 2)")
+    await conn.execute("RESET session_replication_role; SELECT setval('events_position_seq', 2)")
+    with pytest.raises(asyncpg.CheckViolationError,
+                       match="aggregate order_9: expected version 4, got 2, a version its history lacks"):
+        await conn.execute(INSERT, "order_9", "E", "{}", 2)
+    with pytest.raises(asyncpg.UniqueViolationError):  # a version it holds is the usual conflict
+        await conn.execute(INSERT, "order_9", "E", "{}", 3)
+    await conn.execute(INSERT, "order_9", "E", "{}", 4)
+    assert await conn.fetchval("SELECT array_agg(version ORDER BY position) FROM events") == [1, 3, 4]
+
+
+async def test_a_sequence_moved_back_is_refused(conn):
+    """Positions the log has passed would land below the projections' checkpoints, never read."""
+    for version in (1, 2, 3):
+        await conn.execute(INSERT, "order_1", "E", "{}", version)
+    await conn.execute("SELECT setval('events_position_seq', 1)")
+    with pytest.raises(asyncpg.ObjectNotInPrerequisiteStateError,
+                       match="events_position_seq would hand out position 2, which the log has passed"):
+        await conn.execute(INSERT, "order_2", "E", "{}", 1)
+    await conn.execute("SELECT setval('events_position_seq', max(position)) FROM events")
+    await conn.execute(INSERT, "order_2", "E", "{}", 1)
+    assert await conn.fetchval("SELECT position FROM events WHERE aggregate_id = 'order_2'") == 4
+
+
+async def test_a_position_from_a_session_cache_is_refused(dsn):
+    """With CACHE > 1 (raised while the daemon runs: it checks only at start), a session draws
+    positions below the sequence's last value, which its marker is taken from."""
+    first = await db.connect(dsn)
+    second = await db.connect(dsn)
+    try:
+        await first.execute("ALTER SEQUENCE events_position_seq CACHE 20")
+        await first.execute(INSERT, "order_1", "E", "{}", 1)  # position 1, 2..20 cached by this session
+        await second.execute(INSERT, "order_2", "E", "{}", 1)  # position 21
+        with pytest.raises(asyncpg.ObjectNotInPrerequisiteStateError,
+                           match="events_position_seq handed out position 2, below this transaction's marker 41"):
+            await first.execute(INSERT, "order_3", "E", "{}", 1)
+        assert await second.fetchval("SELECT array_agg(position ORDER BY position) FROM events") == [1, 21]
+    finally:
+        await first.execute("ALTER SEQUENCE events_position_seq CACHE 1")
+        await first.close()
+        await second.close()
