@@ -30,16 +30,20 @@ CREATE OR REPLACE FUNCTION %1$I.events_before_insert_statement() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $body$
 DECLARE
     next_position BIGINT;
+    newest_visible BIGINT;
     marker TEXT := current_setting('pgprojector.in_flight_marker', true);
 BEGIN
+    -- The log's largest visible position (an index probe), THEN the sequence: every position
+    -- visible first was drawn before the sequence is read, so the sequence is ahead of it unless
+    -- someone moved it back. (The other way round, a position drawn and committed between the two
+    -- reads would look passed.)
+    SELECT max(e.position) INTO newest_visible FROM %1$I.events e;
     -- Read the sequence BEFORE any row of this statement draws a position, so
     -- every position this statement draws is >= next_position. One marker per
     -- transaction, the lowest, held until its end (see 001).
     SELECT CASE WHEN is_called THEN last_value + 1 ELSE last_value END
       INTO next_position FROM %1$I.events_position_seq;
-    -- (An index probe per statement. The sequence is ahead of every visible position unless
-    -- someone moved it back.)
-    IF next_position <= (SELECT max(e.position) FROM %1$I.events e) THEN
+    IF next_position <= newest_visible THEN
         RAISE EXCEPTION 'events_position_seq would hand out position %%, which the log has passed: it was moved back',
                 next_position
             USING ERRCODE = 'object_not_in_prerequisite_state',
