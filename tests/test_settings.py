@@ -10,6 +10,7 @@ import pytest
 from helpers import cli_env, run_cli
 
 from pgprojector import db
+from pgprojector.cli import build_parser
 from pgprojector.errors import ConfigError
 from pgprojector.migrations import latest_version
 from pgprojector.settings import Settings, load_settings
@@ -32,6 +33,15 @@ def test_flags_override_environment(monkeypatch):
     monkeypatch.setenv("PGPROJECTOR_BATCH_SIZE", "10")
     assert load_settings().batch_size == 10
     assert load_settings(batch_size=20).batch_size == 20
+
+
+def test_an_env_file_line_with_no_metrics_port_is_off_and_choices_take_any_case(monkeypatch):
+    monkeypatch.setenv("PGPROJECTOR_METRICS_PORT", "")  # `PGPROJECTOR_METRICS_PORT=` in an env file
+    assert load_settings().metrics_port is None
+    monkeypatch.setenv("PGPROJECTOR_ON_ERROR", "PARK")
+    assert load_settings().on_error == "park"
+    args = build_parser().parse_args(["run", "--on-error", "PARK", "--log-level", "Debug"])
+    assert (args.on_error, args.log_level) == ("park", "debug")
 
 
 @pytest.mark.parametrize(("variable", "value"), [

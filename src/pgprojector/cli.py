@@ -37,14 +37,14 @@ _SETTING_FLAGS: list[tuple[str, dict[str, Any]]] = [
                                                  f"[PGPROJECTOR_POLL_INTERVAL, default {_default('poll_interval')}]"}),
     ("--projections", {"help": "comma-separated built-in names (orders, dashboard, analytics) and/or "
                                "module:attribute paths [PGPROJECTOR_PROJECTIONS, default all three built-ins]"}),
-    ("--on-error", {"choices": ["halt", "park"], "help": "after max attempts: halt the projection or park the event "
+    ("--on-error", {"type": str.lower, "choices": ["halt", "park"], "help": "after max attempts: halt the projection or park the event "
                                                            f"as a dead letter [PGPROJECTOR_ON_ERROR, default "
                                                            f"{_default('on_error')}]"}),
     ("--max-attempts", {"type": int, "help": "tries of a failing event before halt/park "
                                              f"[PGPROJECTOR_MAX_ATTEMPTS, default {_default('max_attempts')}]"}),
-    ("--log-format", {"choices": ["json", "console"], "help": "log format [PGPROJECTOR_LOG_FORMAT, default json, "
+    ("--log-format", {"type": str.lower, "choices": ["json", "console"], "help": "log format [PGPROJECTOR_LOG_FORMAT, default json, "
                                                                 "console on a terminal]"}),
-    ("--log-level", {"choices": ["debug", "info", "warning", "error"],
+    ("--log-level", {"type": str.lower, "choices": ["debug", "info", "warning", "error"],
                      "help": f"[PGPROJECTOR_LOG_LEVEL, default {_default('log_level')}]"}),
     ("--stop-timeout", {"type": float, "help": "seconds the batch in hand gets to commit after SIGTERM/SIGINT; then "
                                                "it is rolled back and the daemon exits 1 [PGPROJECTOR_STOP_TIMEOUT, "
@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    overrides = {flag.lstrip("-").replace("-", "_"): getattr(args, flag.lstrip("-").replace("-", "_"))
+    # (None for a flag not given, or one the command does not take)
+    overrides = {flag.lstrip("-").replace("-", "_"): getattr(args, flag.lstrip("-").replace("-", "_"), None)
                  for flag, _ in _SETTING_FLAGS}
     try:
         settings = load_settings(**overrides)

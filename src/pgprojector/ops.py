@@ -45,7 +45,8 @@ MAX_ERROR_TEXT = 2000
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], settings_parent: argparse.ArgumentParser) -> None:
-    """Add the operator commands to `commands`; every one takes the setting flags of `settings_parent`."""
+    """Add the operator commands to `commands`; each takes the setting flags of `settings_parent` (`demo`
+    only the log's)."""
 
     def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
         return commands.add_parser(name, parents=[settings_parent], help=summary, description=description)
@@ -82,8 +83,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], sett
                          help="after an interrupted rebuild: start over from the beginning instead of resuming")
 
     dead = command("dead-letters", "list parked events, or retry them",
-                   "List the events parked by projections running with PGPROJECTOR_ON_ERROR=park (the default "
-                   "action), or retry them once their cause is fixed.")
+                   "List the events parked by projections running with PGPROJECTOR_ON_ERROR=park (listing is "
+                   "the default action), or retry them once their cause is fixed.")
     dead.add_argument("--json", action="store_true", help="list: print a JSON array")
     actions = dead.add_subparsers(dest="dead_letters_action", metavar="ACTION")
     quiet_settings = _settings_parent_without_defaults()
@@ -109,13 +110,27 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], sett
                         help="count only daemons registered from this host name: a container's HEALTHCHECK, "
                              "which must not pass on another container's daemon")
 
-    demo = command("demo", "a self-contained demo on a throwaway PostgreSQL",
-                   "Start a private PostgreSQL server (from the demo extra or the system's binaries), run the "
-                   "daemon, drive orders through their lives with concurrent producers, show the read models, "
-                   "then clean up. Needs no configuration: PGPROJECTOR_DSN is ignored.")
+    # (Its own server, daemon and settings: of the settings, only the log's flags.)
+    demo = commands.add_parser(
+        "demo", parents=[_log_settings_parent()], help="a self-contained demo on a throwaway PostgreSQL",
+        description="Start a private PostgreSQL server (from the demo extra or the system's binaries), run the "
+                    "daemon with the three built-in projections, drive orders through their lives with concurrent "
+                    "producers, show the read models, then clean up. Needs no configuration: of the PGPROJECTOR_* "
+                    "settings it takes only the log level and format.")
     demo.add_argument("--orders", type=_positive_int, default=300, help="orders to create (default 300)")
     demo.add_argument("--producers", type=_positive_int, default=8,
                       help="concurrent producers (default 8; two work each order, so they collide)")
+
+
+def _log_settings_parent() -> argparse.ArgumentParser:
+    from pgprojector.cli import _SETTING_FLAGS
+
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("settings (flags override the environment)")
+    for flag, options in _SETTING_FLAGS:
+        if flag in ("--log-format", "--log-level"):
+            group.add_argument(flag, default=None, **options)
+    return parent
 
 
 def _settings_parent_without_defaults() -> argparse.ArgumentParser:

@@ -23,7 +23,7 @@ import anyio
 import asyncpg
 import structlog
 
-from pgprojector.errors import PgProjectorError
+from pgprojector.errors import ConfigError, PgProjectorError
 from pgprojector.listener import Wakeup
 from pgprojector.migrations import resolve_tables
 from pgprojector.projection import Projection
@@ -86,8 +86,8 @@ class Rebuild:
     async def run(self) -> RebuildReport:
         started = time.monotonic()
         if not self.projection.tables:
-            raise RebuildError(f"projection {self.name} names no tables to empty (Projection.tables): "
-                               "it cannot be rebuilt")
+            raise ConfigError(f"projection {self.name} names no tables to empty (Projection.tables): "
+                              "it cannot be rebuilt")
         await self._take_rebuild_lock()
         try:
             return await self._run(started)
@@ -155,8 +155,8 @@ class Rebuild:
         async with self.conn.transaction():
             checkpoint = await self.conn.fetchrow(queries()["lock_checkpoint"], self.name)
             if checkpoint is None:
-                raise RebuildError(f"projection {self.name} is not set up: run `pgprojector migrate` with it in "
-                                   "PGPROJECTOR_PROJECTIONS")
+                raise ConfigError(f"projection {self.name} is not set up: run `pgprojector migrate` with it in "
+                                  "PGPROJECTOR_PROJECTIONS")
             if checkpoint["state"] == "rebuilding" and not self.restart:
                 self.position = checkpoint["position"]
                 return self.position
@@ -175,6 +175,6 @@ class Rebuild:
         resolved = await resolve_tables(self.conn, self.projection.tables)
         missing = [table for table, quoted in resolved.items() if quoted is None]
         if missing:
-            raise RebuildError(f"projection {self.name}: {', '.join(missing)} are no tables (missing, or a view): "
-                               "run `pgprojector migrate`")
+            raise ConfigError(f"projection {self.name}: {', '.join(missing)} are no tables (missing, or a view): "
+                              "run `pgprojector migrate`")
         return [quoted for quoted in resolved.values() if quoted is not None]

@@ -72,6 +72,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"{name!r} is neither a built-in name nor a module:attribute path")
         return ",".join(names)
 
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _empty_port_is_off(cls, value: object) -> object:
+        # `PGPROJECTOR_METRICS_PORT=` in an env file (systemd's EnvironmentFile, docker's --env-file): off.
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("log_format", "log_level", "on_error", mode="before")
     @classmethod
     def _lowercase(cls, value: object) -> object:
