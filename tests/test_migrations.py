@@ -128,6 +128,24 @@ async def test_a_cached_position_sequence_stops_the_daemon_until_migrate_undoes_
     assert await position_cache(conn) == 1
 
 
+async def test_a_position_sequence_moved_back_stops_the_daemon_until_migrate_sets_it_forward(dsn, conn):
+    """setval back (or a restore without the sequence's value): new events would take positions the
+    checkpoints have passed. The daemon refuses to start (exit 2), `migrate` sets the sequence forward."""
+    for version in (1, 2, 3):
+        await conn.execute("INSERT INTO events (aggregate_id, aggregate_type, event_type, data, version) "
+                           "VALUES ('order_1', 'order', 'E', '{}', $1)", version)
+    await conn.execute("SELECT setval('events_position_seq', 1)")
+    refused = run_cli("run", dsn=dsn, timeout=60)
+    assert refused.returncode == 2, refused.stderr
+    assert "events_position_seq is at 1, behind the log's largest position 3" in refused.stderr
+    migrated = run_cli("migrate", dsn=dsn)
+    assert migrated.returncode == 0, migrated.stderr
+    assert "position_sequence_set_forward" in migrated.stderr
+    await conn.execute("INSERT INTO events (aggregate_id, aggregate_type, event_type, data, version) "
+                       "VALUES ('order_2', 'order', 'E', '{}', 1)")
+    assert await conn.fetchval("SELECT position FROM events WHERE aggregate_id = 'order_2'") == 4
+
+
 async def test_a_daemon_newer_than_the_schema_waits_for_migrate(dsn, conn, monkeypatch):
     """A rolling deploy that starts the new daemons before `migrate` runs: they wait (the old ones go
     on), where they once exited 2 and systemd left them stopped. `rebuild` refuses, exit 2."""

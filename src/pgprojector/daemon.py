@@ -21,7 +21,13 @@ from pgprojector import db, systemd
 from pgprojector.errors import ConfigError, SchemaBehindError
 from pgprojector.listener import Listener, Wakeup
 from pgprojector.metrics import Metrics
-from pgprojector.migrations import notify_channel, position_cache, require_current_schema, setup_projection
+from pgprojector.migrations import (
+    notify_channel,
+    position_cache,
+    position_sequence_behind,
+    require_current_schema,
+    setup_projection,
+)
 from pgprojector.projection import Projection
 from pgprojector.retry import backoff, is_transient
 from pgprojector.settings import Settings
@@ -209,6 +215,12 @@ class Daemon:
         if cache != 1:
             raise ConfigError(f"events_position_seq has CACHE {cache}, and the read horizon needs CACHE 1 to never "
                               "skip an event: run `pgprojector migrate`, which sets it back")
+        behind = await position_sequence_behind(conn)
+        if behind is not None:
+            raise ConfigError(f"events_position_seq is at {behind[0]}, behind the log's largest position {behind[1]} "
+                              "(moved back with setval, or restored without its value): new events would land "
+                              "below the projections' checkpoints and never be read; run `pgprojector migrate`, "
+                              "which sets it forward")
         registered = {row["name"] for row in await conn.fetch("SELECT name FROM pgprojector_projections")}
         for projection in self.projections:
             if projection.name not in registered:

@@ -58,6 +58,10 @@ async def migrate(conn: asyncpg.Connection, channel: str, projections: Sequence[
         if cache != 1:
             await conn.execute("ALTER SEQUENCE events_position_seq CACHE 1")
             log.warning("position_cache_reset", was=cache)
+        behind = await position_sequence_behind(conn)
+        if behind is not None:
+            await conn.execute("SELECT setval('events_position_seq', $1)", behind[1])
+            log.warning("position_sequence_set_forward", was=behind[0], now=behind[1])
         if await notify_channel(conn) != channel:
             await conn.execute("SELECT pgprojector_set_notify_channel($1)", channel)
             log.info("notify_channel_set", channel=channel)
@@ -149,6 +153,16 @@ async def position_cache(conn: asyncpg.Connection) -> int:
     (001 creates it so): it takes the sequence's last value for the highest position drawn, which
     a session drawing ahead from its own cache would be far from."""
     return await conn.fetchval("SELECT seqcache FROM pg_sequence WHERE seqrelid = 'events_position_seq'::regclass")
+
+
+async def position_sequence_behind(conn: asyncpg.Connection) -> tuple[int, int] | None:
+    """(the sequence's last value, the log's largest position) when the sequence is behind the log:
+    moved back with setval, or restored without its value. New events would then take positions the
+    projections' checkpoints have passed, never to be read. (The log first, then the sequence: a
+    position committed between the two reads is then never taken for one passed.)"""
+    newest = await conn.fetchval("SELECT max(position) FROM events")
+    drawn = await conn.fetchval("SELECT coalesce(pg_sequence_last_value('events_position_seq'), 0)")
+    return (drawn, newest) if newest is not None and drawn < newest else None
 
 
 async def require_current_schema(conn: asyncpg.Connection) -> None:
