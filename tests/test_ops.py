@@ -475,7 +475,7 @@ async def test_an_event_too_deep_for_python_is_a_clear_error_of_the_commands(con
                        "repeat(']', 5000))::jsonb), 1)")
     shown = run_ops("events", dsn=dsn)
     assert shown.returncode == 1 and "Traceback" not in shown.stderr
-    assert "JSON nested deeper than Python decodes" in shown.stderr
+    assert "JSON nested deeper than Python decodes (the event at position 1)" in shown.stderr
     await migrate(conn, "events", [flaky])
     await conn.execute("INSERT INTO pgprojector_dead_letters (projection, event_position, event_id, error, attempts) "
                        "SELECT 'flaky', position, id, 'RecursionError', 1 FROM events")

@@ -25,7 +25,8 @@ READ_CHUNK = 500  # rows per round trip when reading the log once
 MAX_DATA_TEXT = 300  # of the compact JSON in a human-readable line; --json prints it all
 
 _READ = """
-SELECT id, aggregate_id, aggregate_type, event_type, data, metadata, version, position, created_at
+SELECT id, aggregate_id, aggregate_type, event_type, data::text AS data, metadata::text AS metadata, version, position,
+       created_at
 FROM events
 WHERE position > $1 AND ($2::bigint IS NULL OR position <= $2)
   AND ($3::text IS NULL OR aggregate_id = $3)
@@ -86,7 +87,7 @@ async def read_events(conn: asyncpg.Connection, where: EventFilter, limit: int) 
         async for row in conn.cursor(_READ, where.after, None, None,
                                      list(where.event_types) if where.event_types else None, where.as_of, limit,
                                      prefetch=READ_CHUNK):
-            yield RecordedEvent.from_record(row)
+            yield RecordedEvent.from_text_record(row)
 
 
 class Follower:
@@ -146,7 +147,7 @@ class Follower:
             rows = await conn.fetch(_READ, self.position, horizon, self._where.aggregate_id, types, None,
                                     FOLLOW_BATCH)
             for row in rows:
-                self._emit(RecordedEvent.from_record(row))
+                self._emit(RecordedEvent.from_text_record(row))
                 self.position = row["position"]
                 if self._remaining is not None:
                     self._remaining -= 1

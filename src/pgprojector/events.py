@@ -91,6 +91,17 @@ class RecordedEvent:
         return None
 
     @classmethod
+    def from_text_record(cls, record: Mapping[str, Any]) -> RecordedEvent:
+        """From a row whose data and metadata come as JSON text (`data::text`): decoded here, one row
+        at a time, whatever the connection's codecs, and a decoding error names the event."""
+        try:
+            data = json.loads(record["data"])
+            metadata = None if record["metadata"] is None else json.loads(record["metadata"])
+        except RecursionError:
+            raise RecursionError(f"the event at position {record['position']}") from None
+        return cls.from_record({**record, "data": data, "metadata": metadata})
+
+    @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> RecordedEvent:
         return cls(
             id=record["id"],

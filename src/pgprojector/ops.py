@@ -285,8 +285,9 @@ async def cmd_events(settings: Settings, args: argparse.Namespace) -> int:
         _quiet_broken_pipe()
         return EXIT_OK
     except RecursionError as exc:
-        raise CommandError(f"an event's data or metadata is JSON nested deeper than Python decodes ({exc}); "
-                           "the events before it print with a smaller --limit, those after it with --after") from None
+        raise CommandError(f"an event's data or metadata is JSON nested deeper than Python decodes ({exc}): "
+                           "the events before it were printed, those after it print with --after and its "
+                           "position") from None
 
 
 # rebuild -----------------------------------------------------------------------------------------

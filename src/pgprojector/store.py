@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -129,11 +128,5 @@ class EventStore:
                 if as_of.tzinfo is None:
                     raise InvalidEventError("as_of must be a timezone-aware datetime")
                 rows = await conn.fetch(queries()["read_stream_as_of"], aggregate_id, as_of)
-        return [_decoded(row) for row in rows]
-
-
-def _decoded(row: asyncpg.Record) -> RecordedEvent:
-    """A read_stream row, whose data and metadata come as JSON text (see sql/queries.sql)."""
-    metadata = row["metadata"]
-    return RecordedEvent.from_record({**row, "data": json.loads(row["data"]),
-                                      "metadata": None if metadata is None else json.loads(metadata)})
+        # (data and metadata come as JSON text: see sql/queries.sql)
+        return [RecordedEvent.from_text_record(row) for row in rows]
