@@ -45,8 +45,8 @@ $$;
 -- Producer: append and read. No UPDATE, DELETE or TRUNCATE (the triggers refuse them too, but a
 -- privilege error comes first and names the real problem), and nothing on the read models.
 GRANT SELECT, INSERT ON TABLE events TO pgprojector_producer;
--- events_before_insert_statement reads the sequence (SELECT); events_before_insert_row draws
--- the position with nextval (USAGE).
+-- events_before_insert_statement reads the sequence (pg_sequence_last_value: SELECT or USAGE);
+-- events_before_insert_row draws the position with nextval (USAGE).
 GRANT USAGE, SELECT ON SEQUENCE events_position_seq TO pgprojector_producer;
 -- Called by the statement trigger to build its in-flight marker. EXECUTE is PUBLIC by default;
 -- granted explicitly for databases where an administrator revoked that.

@@ -16,7 +16,7 @@ from helpers import cli_env, run_cli
 
 from pgprojector import EventStore, db
 from pgprojector.errors import ConfigError
-from pgprojector.migrations import latest_version, migrate, position_cache, schema_version
+from pgprojector.migrations import latest_version, migrate, position_cache, position_sequence_behind, schema_version
 from pgprojector.projection import load_projections
 
 TABLES = {"events", "pgprojector_projections", "pgprojector_dead_letters", "pgprojector_daemons",
@@ -144,6 +144,11 @@ async def test_a_position_sequence_moved_back_stops_the_daemon_until_migrate_set
     await conn.execute("INSERT INTO events (aggregate_id, aggregate_type, event_type, data, version) "
                        "VALUES ('order_2', 'order', 'E', '{}', 1)")
     assert await conn.fetchval("SELECT position FROM events WHERE aggregate_id = 'order_2'") == 4
+    # RESTART WITH the next position is no sequence moved back, though no position is drawn yet
+    await conn.execute("ALTER SEQUENCE events_position_seq RESTART WITH 5")
+    assert await position_sequence_behind(conn) is None
+    await conn.execute("ALTER SEQUENCE events_position_seq RESTART WITH 4")
+    assert await position_sequence_behind(conn) == (3, 4)
 
 
 async def test_a_daemon_newer_than_the_schema_waits_for_migrate(dsn, conn, monkeypatch):

@@ -161,7 +161,10 @@ async def position_sequence_behind(conn: asyncpg.Connection) -> tuple[int, int] 
     projections' checkpoints have passed, never to be read. (The log first, then the sequence: a
     position committed between the two reads is then never taken for one passed.)"""
     newest = await conn.fetchval("SELECT max(position) FROM events")
-    drawn = await conn.fetchval("SELECT coalesce(pg_sequence_last_value('events_position_seq'), 0)")
+    # (NULL before the sequence's first nextval: RESTART or setval(..., false) made last_value the
+    # next one it draws, not one drawn)
+    drawn = await conn.fetchval("SELECT coalesce(pg_sequence_last_value('events_position_seq'), "
+                                "(SELECT last_value - 1 FROM events_position_seq))")
     return (drawn, newest) if newest is not None and drawn < newest else None
 
 
