@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 import traceback
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from typing import Any
 
 import anyio
@@ -57,11 +57,14 @@ class CommandError(Exception):
     """A failure to report on one line and exit 1."""
 
 
-def _settings_parent() -> argparse.ArgumentParser:
+def _settings_parent(default: object = None, only: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The setting flags (`only` those named), for a command's parser. `default` for a flag not given:
+    None, or argparse.SUPPRESS in a nested sub-command, so as not to overwrite one given before it."""
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("settings (flags override the environment)")
     for flag, options in _SETTING_FLAGS:
-        group.add_argument(flag, default=None, **options)
+        if only is None or flag in only:
+            group.add_argument(flag, default=default, **options)
     return parent
 
 

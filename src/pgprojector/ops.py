@@ -47,6 +47,7 @@ MAX_ERROR_TEXT = 2000
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], settings_parent: argparse.ArgumentParser) -> None:
     """Add the operator commands to `commands`; each takes the setting flags of `settings_parent` (`demo`
     only the log's)."""
+    from pgprojector.cli import _settings_parent
 
     def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
         return commands.add_parser(name, parents=[settings_parent], help=summary, description=description)
@@ -87,7 +88,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], sett
                    "the default action), or retry them once their cause is fixed.")
     dead.add_argument("--json", action="store_true", help="list: print a JSON array")
     actions = dead.add_subparsers(dest="dead_letters_action", metavar="ACTION")
-    quiet_settings = _settings_parent_without_defaults()
+    quiet_settings = _settings_parent(default=argparse.SUPPRESS)
     listing = actions.add_parser("list", parents=[quiet_settings], help="list parked events (the default)",
                                  description="List parked events with their errors.")
     listing.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print a JSON array")
@@ -112,7 +113,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], sett
 
     # (Its own server, daemon and settings: of the settings, only the log's flags.)
     demo = commands.add_parser(
-        "demo", parents=[_log_settings_parent()], help="a self-contained demo on a throwaway PostgreSQL",
+        "demo", parents=[_settings_parent(only=("--log-format", "--log-level"))],
+        help="a self-contained demo on a throwaway PostgreSQL",
         description="Start a private PostgreSQL server (from the demo extra or the system's binaries), run the "
                     "daemon with the three built-in projections, drive orders through their lives with concurrent "
                     "producers, show the read models, then clean up. Needs no configuration: of the PGPROJECTOR_* "
@@ -120,28 +122,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], sett
     demo.add_argument("--orders", type=_positive_int, default=300, help="orders to create (default 300)")
     demo.add_argument("--producers", type=_positive_int, default=8,
                       help="concurrent producers (default 8; two work each order, so they collide)")
-
-
-def _log_settings_parent() -> argparse.ArgumentParser:
-    from pgprojector.cli import _SETTING_FLAGS
-
-    parent = argparse.ArgumentParser(add_help=False)
-    group = parent.add_argument_group("settings (flags override the environment)")
-    for flag, options in _SETTING_FLAGS:
-        if flag in ("--log-format", "--log-level"):
-            group.add_argument(flag, default=None, **options)
-    return parent
-
-
-def _settings_parent_without_defaults() -> argparse.ArgumentParser:
-    """The setting flags for a nested sub-command: absent, they must not overwrite the ones given before it."""
-    from pgprojector.cli import _SETTING_FLAGS
-
-    parent = argparse.ArgumentParser(add_help=False)
-    group = parent.add_argument_group("settings (flags override the environment)")
-    for flag, options in _SETTING_FLAGS:
-        group.add_argument(flag, default=argparse.SUPPRESS, **options)
-    return parent
 
 
 BIGINT_MAX = 2**63 - 1
