@@ -197,6 +197,11 @@ def test_help_names_the_environment_variables():
         assert f"PGPROJECTOR_{name.upper()}, default {default}" in text, name
     assert run_cli("--help").returncode == 0
     assert run_cli("no-such-command").returncode == 2
+    # demo runs its own server and daemon: it offers (and takes) only the log's flags
+    demo = run_cli("demo", "--help")
+    assert "--log-level" in demo.stdout and "--batch-size" not in demo.stdout
+    refused = run_cli("demo", "--batch-size", "5")
+    assert refused.returncode == 2 and "unrecognized arguments: --batch-size 5" in refused.stderr
 
 
 def test_libraries_log_records_are_json_lines_too():
