@@ -417,12 +417,18 @@ untabled = Projection(name="untabled", handle=_flaky_handle)
 
 
 async def test_rebuild_refuses_what_it_cannot_rebuild_as_a_configuration_error(conn, dsn):
-    """Exit 2, as `run` and `migrate` say of their configuration: no tables named, not set up."""
+    """Exit 2, as `run` and `migrate` say of their configuration: no tables named, not set up, a
+    table gone."""
     no_tables, not_set_up = await run_ops_together(dsn, ["rebuild", "test_ops:untabled"], ["rebuild", "test_ops:flaky"])
     assert no_tables.returncode == 2
     assert "projection untabled names no tables to empty (Projection.tables)" in no_tables.stderr
     assert not_set_up.returncode == 2
     assert "projection flaky is not set up: run `pgprojector migrate`" in not_set_up.stderr
+    await migrate(conn, "events", [flaky])
+    await conn.execute("DROP TABLE flaky_seen; CREATE VIEW flaky_seen AS SELECT 1 AS position")
+    view = run_ops("rebuild", "test_ops:flaky", dsn=dsn)
+    assert view.returncode == 2
+    assert "projection flaky: its tables ['flaky_seen'] are no tables (missing, or a view)" in view.stderr
 
 
 async def test_dead_letters_retry_applies_parked_events_once_fixed(conn, dsn):

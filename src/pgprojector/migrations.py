@@ -83,12 +83,9 @@ async def setup_projection(conn: asyncpg.Connection, projection: Projection) -> 
         registered = await conn.fetchval(
             "INSERT INTO pgprojector_projections (name) VALUES ($1) ON CONFLICT (name) DO NOTHING RETURNING true",
             projection.name)
-        tables = await resolve_tables(conn, projection.tables)
-        missing = [table for table, quoted in tables.items() if quoted is None]
-        if missing:
-            # (rebuild empties them and `migrate --roles` grants them: a typo would fail there, later)
-            raise ConfigError(f"projection {projection.name}: its tables {missing} are no tables after its schema "
-                              "ran: name each as SQL does (schema.table, \"Quoted\") or exactly as created")
+        # (rebuild empties them and `migrate --roles` grants them: a typo would fail there, later)
+        tables = await require_tables(conn, projection, "after its schema ran: name each as SQL does "
+                                                        "(schema.table, \"Quoted\") or exactly as created")
         if registered:
             # A new projection starts at position 0 and takes the rows it finds for its own work: rows
             # written by something else (the seed's own handler, say) would be kept as they are.
@@ -109,10 +106,9 @@ async def apply_roles(conn: asyncpg.Connection, projections: Sequence[Projection
     try:
         await conn.execute(sqlfiles.read_sql("roles.sql"))
         for projection in projections:
-            for table, quoted in (await resolve_tables(conn, projection.tables)).items():
-                if quoted is None:
-                    raise ConfigError(f"projection {projection.name}: table {table} does not exist: run "
-                                      "`pgprojector migrate` with the same PGPROJECTOR_PROJECTIONS first")
+            tables = await require_tables(conn, projection, "(missing, or a view): run `pgprojector migrate` "
+                                                            "with the same PGPROJECTOR_PROJECTIONS first")
+            for quoted in tables.values():
                 await conn.execute(f"GRANT ALL ON TABLE {quoted} TO pgprojector_projector")
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
@@ -138,6 +134,16 @@ async def resolve_tables(conn: asyncpg.Connection, tables: Sequence[str]) -> dic
                 break
         resolved[table] = quoted
     return resolved
+
+
+async def require_tables(conn: asyncpg.Connection, projection: Projection, remedy: str) -> dict[str, str]:
+    """Each of the projection's `tables`, quoted for SQL (resolve_tables); ConfigError naming those
+    that are no tables, followed by `remedy`."""
+    resolved = await resolve_tables(conn, projection.tables)
+    missing = [table for table, quoted in resolved.items() if quoted is None]
+    if missing:
+        raise ConfigError(f"projection {projection.name}: its tables {missing} are no tables {remedy}")
+    return {table: quoted for table, quoted in resolved.items() if quoted is not None}
 
 
 async def schema_version(conn: asyncpg.Connection) -> int | None:

@@ -25,7 +25,7 @@ import structlog
 
 from pgprojector.errors import ConfigError, PgProjectorError
 from pgprojector.listener import Wakeup
-from pgprojector.migrations import resolve_tables
+from pgprojector.migrations import require_tables
 from pgprojector.projection import Projection
 from pgprojector.retry import TRANSIENT_ERRORS
 from pgprojector.sqlfiles import queries
@@ -172,9 +172,5 @@ class Rebuild:
 
     async def _resolve_tables(self) -> list[str]:
         """The tables as PostgreSQL reads their names (search path, case folding), quoted for SQL."""
-        resolved = await resolve_tables(self.conn, self.projection.tables)
-        missing = [table for table, quoted in resolved.items() if quoted is None]
-        if missing:
-            raise ConfigError(f"projection {self.name}: {', '.join(missing)} are no tables (missing, or a view): "
-                              "run `pgprojector migrate`")
-        return [quoted for quoted in resolved.values() if quoted is not None]
+        tables = await require_tables(self.conn, self.projection, "(missing, or a view): run `pgprojector migrate`")
+        return list(tables.values())
