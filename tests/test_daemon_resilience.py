@@ -20,6 +20,7 @@ from datetime import datetime, timedelta
 import asyncpg
 import daemon_harness as h
 import pytest
+from witness import assert_each_event_applied_once_in_version_order
 
 from pgprojector import EventStore, NewEvent, db
 
@@ -42,27 +43,6 @@ def _timestamp(record: dict) -> datetime:
 def _assert_models(actual: h.Actual, expected: h.Expected, seed: int, which=h.BUILTINS) -> None:
     problems = h.compare(actual, expected, which)
     assert not problems, f"read models differ from the fold of the log (seed {seed}):\n" + "\n".join(problems)
-
-
-async def _assert_witness_exactly_once(conn: asyncpg.Connection, upto: int | None = None) -> int:
-    """The witness holds every committed event up to `upto` (default: all) exactly once, nothing
-    else, and per aggregate the versions were applied in ascending order. Returns its row count."""
-    upto = await h.head(conn) if upto is None else upto
-    missing = await conn.fetchval(
-        "SELECT count(*) FROM events e WHERE e.position <= $1 "
-        "AND NOT EXISTS (SELECT 1 FROM witness w WHERE w.position = e.position)", upto)
-    foreign = await conn.fetch(
-        "SELECT w.position FROM witness w LEFT JOIN events e ON e.position = w.position "
-        "WHERE e.position IS NULL OR w.position > $1 OR e.aggregate_id <> w.aggregate_id OR e.version <> w.version "
-        "LIMIT 5", upto)
-    assert missing == 0, f"{missing} committed events (position <= {upto}) never reached the witness"
-    assert not foreign, f"witness rows that are not the committed events up to {upto}: {foreign}"
-    disorder = await conn.fetch(
-        "SELECT aggregate_id, version, prev FROM ("
-        "  SELECT aggregate_id, version, lag(version) OVER (PARTITION BY aggregate_id ORDER BY applied_seq) AS prev"
-        "  FROM witness) t WHERE prev IS NOT NULL AND version <> prev + 1 LIMIT 5")
-    assert not disorder, f"versions of an aggregate not applied in ascending order: {disorder}"
-    return await conn.fetchval("SELECT count(*) FROM witness")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,7 +91,7 @@ async def test_kill_9_at_random_moments_during_catch_up_loses_and_duplicates_not
             progress.append({name: points[name]["position"] for name in h.ALL_WITH_WITNESS})
             print(f"kill {life + 1}/{kills} (seed {seed}): checkpoints {progress[-1]} of {top}")
             # At every crash point, read-model rows and checkpoint committed together or not at all.
-            await _assert_witness_exactly_once(conn, upto=points["witness"]["position"])
+            await assert_each_event_applied_once_in_version_order(conn, upto=points["witness"]["position"])
         assert killed_mid_catch_up == kills, (
             f"only {killed_mid_catch_up} of {kills} kills hit the daemon before it had caught up: "
             f"the test no longer exercises a crash mid-catch-up (make the log longer or the batches smaller): "
@@ -125,7 +105,7 @@ async def test_kill_9_at_random_moments_during_catch_up_loses_and_duplicates_not
 
         points = await h.checkpoints(conn)
         assert {name: points[name]["position"] for name in h.ALL_WITH_WITNESS} == dict.fromkeys(h.ALL_WITH_WITNESS, top)
-        assert await _assert_witness_exactly_once(conn) == top
+        assert await assert_each_event_applied_once_in_version_order(conn) == top
         expected = h.fold(await h.read_log(conn))
         _assert_models(await h.read_models(conn), expected, seed)
         assert len(expected.orders) == 15_000
@@ -257,7 +237,7 @@ async def test_two_daemons_at_once_apply_every_event_exactly_once(dsn, tmp_path)
         assert not more.errors, more.errors
         await h.wait_caught_up(conn, h.ALL_WITH_WITNESS, timeout=30, daemons=[second])
 
-        assert await _assert_witness_exactly_once(conn) == await conn.fetchval("SELECT count(*) FROM events")
+        assert await assert_each_event_applied_once_in_version_order(conn) == await conn.fetchval("SELECT count(*) FROM events")
         expected = h.fold(await h.read_log(conn))
         _assert_models(await h.read_models(conn), expected, seed)
         for daemon in (first, second):
@@ -529,7 +509,7 @@ async def test_stop_signal_mid_catch_up_commits_the_batch_in_hand_and_exits_0(ds
             logged = daemon.log_events("batch_applied", projection=name)[-1]["checkpoint"]
             assert points[name]["position"] == logged, (
                 f"{name}: stored checkpoint {points[name]['position']}, last logged batch_applied {logged}")
-        await _assert_witness_exactly_once(conn, upto=points["witness"]["position"])
+        await assert_each_event_applied_once_in_version_order(conn, upto=points["witness"]["position"])
         non_json = [r["raw"] for r in daemon.logs() if r.get("event") == "<non-json>"]
         assert not non_json, non_json  # no traceback on the way out
     finally:
