@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from pgprojector import EventStore, NewEvent, db
@@ -50,3 +51,33 @@ async def test_stop_server_keeps_the_cluster_until_stop():
     finally:
         server.stop()
     assert not data.exists()
+
+
+async def test_restart_after_a_crash_keeps_what_was_committed():
+    # (the default synchronous_commit=off would lose the last commits: a crash test must turn it on)
+    with EmbeddedPostgres(settings={"synchronous_commit": "on"}) as server:
+        conn = await db.connect(server.dsn)
+        await conn.execute("CREATE TABLE kept (x int)")
+        await conn.execute("INSERT INTO kept VALUES (1)")
+        open_tx = conn.transaction()
+        await open_tx.start()
+        await conn.execute("INSERT INTO kept VALUES (2)")  # never committed
+        port = server.port
+        server.restart(crash=True)
+        with pytest.raises((OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)):
+            await conn.execute("SELECT 1")  # its session went with the server
+        conn.terminate()
+        assert server.port == port
+        conn = await db.connect(server.dsn)
+        try:
+            assert await conn.fetch("SELECT x FROM kept") == [(1,)]
+        finally:
+            await conn.close()
+        server.restart()  # and a clean one
+        conn = await db.connect(server.dsn)
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM kept") == 1
+        finally:
+            await conn.close()
+        log = (server.data_dir.parent / "server.log").read_text()
+        assert "database system was interrupted" in log or "not properly shut down" in log, log[-2000:]

@@ -116,6 +116,7 @@ class EmbeddedPostgres:
         self._bindir = bindir
         self._dir: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
+        self._command: list[str] = []
         self.port = 0
         self.bindir: Path | None = None  # the binaries the server runs, once started
 
@@ -162,16 +163,36 @@ class EmbeddedPostgres:
         options = ["-c", "listen_addresses=127.0.0.1", "-p", str(self.port), "-k", str(sockets)]
         for key, value in self._settings.items():
             options += ["-c", f"{key}={value}"]
-        with open(logfile, "ab") as log:
-            if user:
-                os.chown(logfile, pwd.getpwnam(user).pw_uid, -1)
-            self._process = subprocess.Popen(
-                [str(bindir / "postgres"), "-D", str(data), *options],
-                user=user, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        self._wait_ready(data / "postmaster.pid", logfile)
+        if user:
+            logfile.touch()
+            os.chown(logfile, pwd.getpwnam(user).pw_uid, -1)
+        self._command = [str(bindir / "postgres"), "-D", str(data), *options]
+        self._launch()
         return self.dsn
+
+    def _launch(self) -> None:
+        assert self._dir is not None
+        logfile = self._dir / "server.log"
+        with open(logfile, "ab") as log:
+            self._process = subprocess.Popen(
+                self._command, user=self._run_as(), stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        self._wait_ready(self.data_dir / "postmaster.pid", logfile)
+
+    def restart(self, *, crash: bool = False) -> None:
+        """Stop the server and start it again, on the same cluster and port. crash=True stops it as a
+        crash would (immediate shutdown: sessions cut, no checkpoint, crash recovery at start); with
+        the default synchronous_commit=off that loses the last commits, so a crash test turns it on."""
+        if self._process is None or self._dir is None:
+            raise EmbeddedPostgresError("the server has not been started")
+        if crash:
+            self._process.send_signal(signal.SIGQUIT)
+            self._process.wait(timeout=30)
+            self._process = None
+        else:
+            self.stop_server()
+        self._launch()
 
     def _wait_ready(self, pidfile: Path, logfile: Path, timeout: float = 60.0) -> None:
         assert self._process is not None
