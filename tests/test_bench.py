@@ -1,6 +1,7 @@
 """The benchmark tools still run, on a small log: `bench/run.py` builds every read model exactly as the
 raw SQL baselines do (an independent check of the built-in projections against plain SQL), and
-`bench/instructions.py` counts each apply statement. The measurements themselves live in bench/."""
+`bench/instructions.py` counts each apply statement, and a short `bench/soak.py` passes its checks (which
+fail when its results are damaged). The measurements and the long soaks themselves live in bench/."""
 
 from __future__ import annotations
 
@@ -46,3 +47,30 @@ def test_instruction_counts_of_each_apply_statement_and_baseline():
     # which checks every field, does more than the raw build that checks none.
     assert all(count > 5_000 for count in counts.values())
     assert counts["orders"] > counts["raw_orders"]
+
+
+def test_soak_survives_every_kind_of_chaos_and_checks_the_result(tmp_path):
+    results = tmp_path / "soak.json"
+    run_tool("soak.py", "--minutes", "0.6", "--chaos-every", "1.5", "--json", str(results))
+    report = json.loads(results.read_text())
+    assert report["problems"] == []
+    # every action of the chaos loop, and every kind of producer, really ran
+    assert set(report["chaos"]) == {"kill9", "sigterm", "cut", "second_daemon", "migrate", "server_crash",
+                                    "server_restart"}, report["chaos"]
+    assert {"racer", "odd", "bulk", "copy", "malformed"} <= set(report["produced"]), report["produced"]
+    # (a step cut short by a server crash ran too; with a crash every few seconds, the longest may never finish)
+    assert {"rolled_back", "held_open", "other_table_first", "long_open"} <= (
+        set(report["produced"]) | set(report["interrupted"])), report
+    assert report["events"] > 1000 and report["daemons_started"] >= 3
+    assert report["parked"].get("orders", 0) >= 1 and "witness" not in report["parked"]
+
+
+def test_soak_fails_when_the_results_are_wrong(tmp_path):
+    results = tmp_path / "soak.json"
+    done = subprocess.run([sys.executable, str(BENCH / "soak.py"), "--minutes", "0.1", "--chaos-every", "0",
+                           "--sabotage", "--json", str(results)], capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    problems = "\n".join(json.loads(results.read_text())["problems"])
+    assert "never reached the witness" in problems and "read_model_orders" in problems, problems
+    assert "soak: FAILED" in done.stdout
