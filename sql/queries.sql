@@ -21,8 +21,14 @@ FROM events WHERE aggregate_id = $1
 ORDER BY version
 
 -- name: read_stream_as_of
+-- The longest prefix of the history created at or before $2. created_at is the appending transaction's
+-- start, and a transaction that began before version n was appended can append n + 1: filtering on
+-- created_at alone could return version n + 1 without version n.
 SELECT id, aggregate_id, aggregate_type, event_type, data::text, metadata::text, version, position, created_at
-FROM events WHERE aggregate_id = $1 AND created_at <= $2
+FROM events
+WHERE aggregate_id = $1 AND created_at <= $2
+  AND version < coalesce((SELECT min(l.version) FROM events l WHERE l.aggregate_id = $1 AND l.created_at > $2),
+                         9223372036854775807)
 ORDER BY version
 
 -- name: horizon

@@ -137,6 +137,21 @@ async def test_read_stream_as_of(pool):
         await store.read_stream("order_1", as_of=datetime.now())  # naive: ambiguous
 
 
+async def test_read_stream_as_of_is_a_prefix_of_the_history(pool, conn):
+    """created_at is the appending transaction's start: a transaction that began before version 1 was
+    appended can append version 2 after it. An as_of between the two must not return version 2 alone."""
+    store = EventStore(pool)
+    async with conn.transaction():
+        began = await conn.fetchval("SELECT now()")
+        await asyncio.sleep(0.02)
+        await store.append("order_1", "order", [NewEvent("OrderCreated", {})], expected_version=0)
+        await EventStore(conn).append("order_1", "order", [NewEvent("OrderConfirmed", {})], expected_version=1)
+    history = await store.read_stream("order_1")
+    assert history[1].created_at < history[0].created_at
+    assert await store.read_stream("order_1", as_of=began) == []  # not [version 2] without version 1
+    assert [e.version for e in await store.read_stream("order_1", as_of=history[0].created_at)] == [1, 2]
+
+
 async def test_temporal_read_uses_the_aggregate_time_index(conn):
     plan = await conn.fetchval(
         "EXPLAIN (FORMAT TEXT) SELECT * FROM events WHERE aggregate_id = 'a' AND created_at <= now() ORDER BY version")

@@ -120,7 +120,8 @@ class EventStore:
         raise RetriesExhaustedError(aggregate_id, max_attempts, last_conflict)
 
     async def read_stream(self, aggregate_id: str, as_of: datetime | None = None) -> list[RecordedEvent]:
-        """The aggregate's events in version order; with `as_of`, only those created at or before it."""
+        """The aggregate's events in version order; with `as_of`, the longest prefix of them created at
+        or before it (a version is never returned without the versions below it)."""
         async with self._connection() as conn:
             if as_of is None:
                 rows = await conn.fetch(queries()["read_stream"], aggregate_id)
