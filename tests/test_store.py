@@ -118,6 +118,21 @@ async def test_bad_input_is_refused_before_anything_is_written(pool, aggregate_i
         assert await conn.fetchval("SELECT count(*) FROM events") == 0
 
 
+async def test_text_that_only_looks_like_an_escaped_nul_is_stored(pool):
+    """A backslash followed by u0000 is six ordinary characters (a Windows path, a regex, JSON kept as a
+    string): only a real NUL is refused."""
+    import json
+
+    data = {"path": r"C:\u0000dir", "regex": r"\\u0000", "kept_as_text": json.dumps({"s": "a\x00b"}),
+            r"key\u0000": 1}
+    store = EventStore(pool)
+    await store.append("order_1", "order", [NewEvent("A", data, {"note": r"\u0000"})], expected_version=0)
+    [event] = await store.read_stream("order_1")
+    assert event.data == data and event.metadata == {"note": r"\u0000"}
+    with pytest.raises(InvalidEventError, match="NUL"):
+        await store.append("order_1", "order", [NewEvent("B", {"s": "\\\x00"})], expected_version=1)
+
+
 async def test_bad_expected_version_is_refused(pool):
     with pytest.raises(InvalidEventError):
         await EventStore(pool).append("a", "t", [NewEvent("A", {})], expected_version=-1)

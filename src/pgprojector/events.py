@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -41,9 +42,18 @@ class NewEvent:
             metadata = None if self.metadata is None else _json_text(self.metadata)
         except (TypeError, ValueError, RecursionError) as exc:  # (nested deeper than json goes)
             raise InvalidEventError(f"{self.event_type}: data is not JSON-serialisable: {exc}") from None
-        if "\\u0000" in data or (metadata is not None and "\\u0000" in metadata):
+        if _holds_nul(data) or (metadata is not None and _holds_nul(metadata)):
             raise InvalidEventError(f"{self.event_type}: data contains a NUL character, which jsonb cannot store")
         return self.event_type, data, metadata
+
+
+# json.dumps writes a NUL as \u0000 and a backslash as \\: a NUL is a \u0000 after an even number of
+# backslashes (r"\u0000" in the data is written \\u0000, six ordinary characters that jsonb stores).
+_ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def _holds_nul(json_text: str) -> bool:
+    return "\\u0000" in json_text and _ESCAPED_NUL.search(json_text) is not None
 
 
 def _json_text(value: object) -> str:
