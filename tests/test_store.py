@@ -223,6 +223,30 @@ async def test_retry_gives_up_with_a_clear_error(pool):
     assert [e.event_type for e in await store.read_stream("hot")] == ["A", "Other", "Other", "Other"]
 
 
+@pytest.mark.parametrize("isolation", ["repeatable_read", "serializable"])
+async def test_conflict_the_callers_snapshot_cannot_see_is_not_retried_in_vain(pool, conn, isolation):
+    """Inside the caller's REPEATABLE READ or SERIALIZABLE transaction, every re-read sees the same
+    snapshot, without the event that took the version: retrying could never succeed (and the conflict
+    said 'expected version 1, actual version 1')."""
+    other = EventStore(pool)
+    await other.append("acct", "t", [NewEvent("Opened", {})], expected_version=0)
+    calls = 0
+
+    def decide(history: list[RecordedEvent]) -> list[NewEvent]:
+        nonlocal calls
+        calls += 1
+        return [NewEvent("Mine", {})]
+
+    with pytest.raises(ConcurrencyError, match="snapshot") as conflict:
+        async with conn.transaction(isolation=isolation):
+            await EventStore(conn).read_stream("acct")  # the transaction's snapshot is taken here
+            await other.append("acct", "t", [NewEvent("ByOther", {})], expected_version=1)
+            await EventStore(conn).append_with_retry("acct", "t", decide, max_attempts=5)
+    assert calls == 1
+    assert (conflict.value.expected_version, conflict.value.actual_version) == (1, 2)
+    assert [e.event_type for e in await other.read_stream("acct")] == ["Opened", "ByOther"]
+
+
 async def test_retry_does_not_retry_other_errors(pool):
     calls = 0
 

@@ -23,12 +23,19 @@ class InvalidEventError(PgProjectorError, ValueError):
 class ConcurrencyError(PgProjectorError):
     """Another writer appended to the aggregate first: re-read, re-decide, retry."""
 
-    def __init__(self, aggregate_id: str, expected_version: int, actual_version: int) -> None:
+    def __init__(self, aggregate_id: str, expected_version: int, actual_version: int, *,
+                 stale_snapshot: bool = False) -> None:
         self.aggregate_id = aggregate_id
         self.expected_version = expected_version
         self.actual_version = actual_version
+        # The event that took the version was committed after the snapshot of the caller's REPEATABLE
+        # READ or SERIALIZABLE transaction: actual_version is the least it can be, and re-reading inside
+        # that transaction can never see it, so only a retry of the whole transaction helps.
+        self.stale_snapshot = stale_snapshot
         super().__init__(
             f"aggregate {aggregate_id}: expected version {expected_version}, actual version {actual_version}"
+            + (" or later, committed after this transaction's snapshot was taken (REPEATABLE READ or "
+               "SERIALIZABLE): retry the whole transaction" if stale_snapshot else "")
         )
 
 

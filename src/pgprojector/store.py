@@ -73,6 +73,11 @@ class EventStore:
                 if exc.constraint_name != _VERSION_CONSTRAINT:
                     raise
                 actual = await conn.fetchval(queries()["current_version"], aggregate_id)
+                if actual <= expected_version:
+                    # Committed, since it conflicts, yet not visible: the caller's transaction reads
+                    # an older snapshot. Versions are contiguous, so expected_version + 1 exists.
+                    raise ConcurrencyError(aggregate_id, expected_version, expected_version + 1,
+                                           stale_snapshot=True) from None
                 raise ConcurrencyError(aggregate_id, expected_version, actual) from None
             except asyncpg.CheckViolationError as exc:
                 # Raised by the insert trigger: expected_version is ahead of the stream, or, with the
@@ -97,7 +102,9 @@ class EventStore:
 
         Only a version conflict is retried: then nothing was written, so re-deciding is safe.
         Any other error (a lost connection during COMMIT included) propagates, because the
-        append may have happened. Returns the aggregate's version afterwards.
+        append may have happened. A conflict the caller's REPEATABLE READ or SERIALIZABLE
+        transaction cannot see (ConcurrencyError.stale_snapshot) is raised at once: re-reading inside
+        it would return the same history. Returns the aggregate's version afterwards.
         """
         if max_attempts < 1:
             raise InvalidEventError("max_attempts must be at least 1")
@@ -110,6 +117,8 @@ class EventStore:
             try:
                 return await self.append(aggregate_id, aggregate_type, list(new_events), expected_version=version)
             except ConcurrencyError as conflict:
+                if conflict.stale_snapshot:
+                    raise  # every re-read in this transaction would see the same history
                 last_conflict = conflict
                 log.debug("append_conflict", aggregate_id=aggregate_id, attempt=attempt, expected=version,
                           actual=conflict.actual_version)
