@@ -133,6 +133,31 @@ async def test_text_that_only_looks_like_an_escaped_nul_is_stored(pool):
         await store.append("order_1", "order", [NewEvent("B", {"s": "\\\x00"})], expected_version=1)
 
 
+async def test_what_append_accepted_reads_back_from_a_deeper_call_stack(pool):
+    """json.dumps and json.loads both recurse once per level of nesting, within what the call stack
+    leaves of the recursion limit: data appended from a shallow stack, read back by a caller 50 frames
+    deeper (a web framework's handler), made read_stream, and so append_with_retry, fail on the
+    aggregate for good."""
+    store = EventStore(pool)
+    accepted, refused = 1, 3000
+    while refused - accepted > 1:  # the deepest nesting append accepts from this test's stack
+        depth = (accepted + refused) // 2
+        try:
+            await store.append(f"deep_{depth}", "t", [NewEvent("A", _nested(depth))], expected_version=0)
+            accepted = depth
+        except InvalidEventError:
+            refused = depth
+
+    async def deeper(frames: int) -> list[RecordedEvent]:
+        if frames:
+            return await deeper(frames - 1)
+        await store.append_with_retry(f"deep_{accepted}", "t", lambda history: [NewEvent("B", {})])
+        return await store.read_stream(f"deep_{accepted}")
+
+    history = await deeper(50)
+    assert [e.event_type for e in history] == ["A", "B"] and history[0].data == _nested(accepted)
+
+
 async def test_bad_expected_version_is_refused(pool):
     with pytest.raises(InvalidEventError):
         await EventStore(pool).append("a", "t", [NewEvent("A", {})], expected_version=-1)
