@@ -67,6 +67,19 @@ async def test_another_aggregate_type_is_invalid_not_a_conflict(pool):
     assert [e.aggregate_type for e in await store.read_stream("order_1")] == ["order"]
 
 
+async def test_appending_nothing_still_checks_the_expected_version(pool):
+    """append returns the aggregate's version: appending no events to a stream at version 2 returned
+    whatever expected_version was given (7, or 0), with no ConcurrencyError."""
+    store = EventStore(pool)
+    await store.append("x", "t", [NewEvent("A", {}), NewEvent("B", {})], expected_version=0)
+    assert await store.append("x", "t", [], expected_version=2) == 2
+    for stale in (0, 7):
+        with pytest.raises(ConcurrencyError) as conflict:
+            await store.append("x", "t", [], expected_version=stale)
+        assert (conflict.value.expected_version, conflict.value.actual_version) == (stale, 2)
+    assert await store.append("new", "t", [], expected_version=0) == 0
+
+
 async def test_append_is_all_or_nothing(pool):
     store = EventStore(pool)
     await store.append("x", "t", [NewEvent("A", {})], expected_version=0)

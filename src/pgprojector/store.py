@@ -53,6 +53,11 @@ class EventStore:
         if not isinstance(events, Sequence) or isinstance(events, (str, bytes)):
             raise InvalidEventError("events must be a list of NewEvent")
         if not events:
+            # Nothing to write, but the version returned is the aggregate's, as after any append.
+            async with self._connection() as conn:
+                actual = await conn.fetchval(queries()["current_version"], aggregate_id)
+            if actual != expected_version:
+                raise ConcurrencyError(aggregate_id, expected_version, actual)
             return expected_version
         encoded = []
         for event in events:
