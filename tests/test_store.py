@@ -298,6 +298,14 @@ async def test_retry_does_not_retry_other_errors(pool):
     assert calls == 1
 
 
+@pytest.mark.parametrize("decided", [None, NewEvent("A", {}), 3])
+async def test_decide_returning_no_list_is_a_clear_error(pool, decided):
+    """A decide that forgot its return (None), or returned one event unlisted, raised TypeError:
+    'NoneType' object is not iterable."""
+    with pytest.raises(InvalidEventError, match="decide must return a list of NewEvent"):
+        await EventStore(pool).append_with_retry("a", "t", lambda history: decided)
+
+
 async def test_decide_returning_nothing_appends_nothing(pool):
     store = EventStore(pool)
     assert await store.append_with_retry("a", "t", lambda history: []) == 0

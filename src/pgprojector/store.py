@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 
@@ -119,6 +119,8 @@ class EventStore:
             version = history[-1].version if history else 0
             decided = decide(history)
             new_events = await decided if inspect.isawaitable(decided) else decided
+            if isinstance(new_events, (NewEvent, str, bytes, Mapping)) or not isinstance(new_events, Iterable):
+                raise InvalidEventError(f"decide must return a list of NewEvent (or []), got {type(new_events).__name__}")
             try:
                 return await self.append(aggregate_id, aggregate_type, list(new_events), expected_version=version)
             except ConcurrencyError as conflict:
