@@ -122,6 +122,9 @@ def _nested(depth: int) -> dict[str, object]:
     ("order_1", [NewEvent("A", {"\ud800": 1})], "not JSON"),  # a lone surrogate: no character at all
     ("order_1", [NewEvent("A", {}, {"by": "\udfff"})], "not JSON"),
     ("order_1", [NewEvent("A", _nested(3000))], "not JSON"),  # deeper than json goes: a RecursionError
+    # (these three came back as asyncpg's DataError: 'utf-8' codec can't encode character)
+    ("order_\ud800", [NewEvent("A", {})], "aggregate_id .*surrogate"),
+    ("order_1", [NewEvent("A\udfff", {})], "event_type .*surrogate"),
 ])
 async def test_bad_input_is_refused_before_anything_is_written(pool, aggregate_id, events, message):
     store = EventStore(pool)
@@ -171,9 +174,16 @@ async def test_what_append_accepted_reads_back_from_a_deeper_call_stack(pool):
     assert [e.event_type for e in history] == ["A", "B"] and history[0].data == _nested(accepted)
 
 
-async def test_bad_expected_version_is_refused(pool):
-    with pytest.raises(InvalidEventError):
-        await EventStore(pool).append("a", "t", [NewEvent("A", {})], expected_version=-1)
+@pytest.mark.parametrize("expected_version", [-1, 2**63 - 1, 2**63, 2**70])
+async def test_bad_expected_version_is_refused(pool, expected_version):
+    """(Beyond BIGINT, it came back as asyncpg's DataError or PostgreSQL's bigint out of range.)"""
+    with pytest.raises(InvalidEventError, match="expected_version"):
+        await EventStore(pool).append("a", "t", [NewEvent("A", {})], expected_version=expected_version)
+
+
+async def test_aggregate_type_that_is_no_text_is_refused(pool):
+    with pytest.raises(InvalidEventError, match="aggregate_type .*surrogate"):
+        await EventStore(pool).append("a", "t\ud800", [NewEvent("A", {})], expected_version=0)
 
 
 async def test_read_stream_as_of(pool):

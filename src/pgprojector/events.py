@@ -38,8 +38,7 @@ class NewEvent:
             raise InvalidEventError(f"{self.event_type}: data must be a JSON object (a mapping), not {type(self.data).__name__}")
         if self.metadata is not None and not isinstance(self.metadata, Mapping):
             raise InvalidEventError(f"{self.event_type}: metadata must be a mapping or None")
-        if "\x00" in self.event_type:
-            raise InvalidEventError("event_type contains a NUL character, which PostgreSQL text cannot store")
+        _check_text("event_type", self.event_type)
         try:
             data = _json_text(self.data)
             metadata = None if self.metadata is None else _json_text(self.metadata)
@@ -160,11 +159,19 @@ def validate_stream(aggregate_id: str, aggregate_type: str) -> None:
         raise InvalidEventError("aggregate_id must be a non-empty string")
     if len(aggregate_id) > MAX_AGGREGATE_ID:
         raise InvalidEventError(f"aggregate_id is longer than {MAX_AGGREGATE_ID} characters: {aggregate_id[:40]!r}...")
-    if "\x00" in aggregate_id:
-        raise InvalidEventError("aggregate_id contains a NUL character, which PostgreSQL text cannot store")
+    _check_text("aggregate_id", aggregate_id)
     if not isinstance(aggregate_type, str) or not aggregate_type:
         raise InvalidEventError("aggregate_type must be a non-empty string")
     if len(aggregate_type) > MAX_AGGREGATE_TYPE:
         raise InvalidEventError(f"aggregate_type is longer than {MAX_AGGREGATE_TYPE} characters")
-    if "\x00" in aggregate_type:
-        raise InvalidEventError("aggregate_type contains a NUL character, which PostgreSQL text cannot store")
+    _check_text("aggregate_type", aggregate_type)
+
+
+def _check_text(name: str, value: str) -> None:
+    if "\x00" in value:
+        raise InvalidEventError(f"{name} contains a NUL character, which PostgreSQL text cannot store")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidEventError(f"{name} contains a lone surrogate (no character), which PostgreSQL text "
+                                "cannot store") from None

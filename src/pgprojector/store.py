@@ -21,6 +21,7 @@ log = structlog.get_logger("pgprojector.store")
 Decider = Callable[[list[RecordedEvent]], Sequence[NewEvent] | Awaitable[Sequence[NewEvent]]]
 
 _VERSION_CONSTRAINT = "events_aggregate_id_version_key"
+_MAX_VERSION = 2**63 - 1  # events.version is a BIGINT
 
 
 class EventStore:
@@ -52,6 +53,9 @@ class EventStore:
             raise InvalidEventError(f"expected_version must be an integer >= 0, got {expected_version!r}")
         if not isinstance(events, Sequence) or isinstance(events, (str, bytes)):
             raise InvalidEventError("events must be a list of NewEvent")
+        if expected_version + len(events) > _MAX_VERSION:
+            raise InvalidEventError(f"expected_version {expected_version} leaves no room for {len(events)} event(s) "
+                                    f"below the largest version, {_MAX_VERSION} (BIGINT)")
         if not events:
             # Nothing to write, but the version returned is the aggregate's, as after any append.
             async with self._connection() as conn:
