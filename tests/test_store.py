@@ -134,6 +134,21 @@ async def test_bad_input_is_refused_before_anything_is_written(pool, aggregate_i
         assert await conn.fetchval("SELECT count(*) FROM events") == 0
 
 
+async def test_data_may_be_any_mapping(pool):
+    """NewEvent.data is a Mapping (and was checked as one), but json.dumps takes dicts only: a
+    MappingProxyType or a UserDict was refused as 'not JSON-serialisable'."""
+    from collections import UserDict
+    from types import MappingProxyType
+
+    store = EventStore(pool)
+    await store.append("order_1", "order", [
+        NewEvent("A", MappingProxyType({"a": 1, "nested": UserDict({"b": [MappingProxyType({"c": 2})]})}),
+                 UserDict({"by": "me"})),
+    ], expected_version=0)
+    [event] = await store.read_stream("order_1")
+    assert event.data == {"a": 1, "nested": {"b": [{"c": 2}]}} and event.metadata == {"by": "me"}
+
+
 async def test_text_that_only_looks_like_an_escaped_nul_is_stored(pool):
     """A backslash followed by u0000 is six ordinary characters (a Windows path, a regex, JSON kept as a
     string): only a real NUL is refused."""

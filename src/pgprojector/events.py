@@ -74,6 +74,8 @@ def _json_default(value: object) -> object:
         if not value.is_finite():
             raise ValueError(f"{value} is not a finite number")
         return str(value)
+    if isinstance(value, Mapping):  # json.dumps takes dicts only; NewEvent takes any Mapping
+        return dict(value)
     if isinstance(value, (datetime, uuid.UUID)):
         return value.isoformat() if isinstance(value, datetime) else str(value)
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
