@@ -11,6 +11,19 @@ FROM unnest($3::text[], $4::text[], $5::text[]) WITH ORDINALITY AS e(event_type,
 ORDER BY e.n
 RETURNING position
 
+-- name: is_version_key
+-- Whether the unique index $2 in schema $1 that an append violated is the one on (aggregate_id,
+-- version): a database adopted from the seed's schema may have given it a name of its own.
+SELECT EXISTS (
+    SELECT FROM pg_catalog.pg_index i
+    JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = $1 AND c.relname = $2 AND i.indisunique AND i.indnatts = 2
+      AND ARRAY(SELECT a.attname::text
+                FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+                JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                ORDER BY k.n) = ARRAY['aggregate_id', 'version'])
+
 -- name: current_version
 SELECT coalesce(max(version), 0) FROM events WHERE aggregate_id = $1
 

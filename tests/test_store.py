@@ -7,6 +7,7 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+import asyncpg
 import pytest
 
 from pgprojector import (
@@ -46,6 +47,36 @@ async def test_wrong_expected_version_raises_concurrency_error_and_writes_nothin
         await store.append("order_1", "order", [NewEvent("C", {})], expected_version=5)
     assert (ahead.value.expected_version, ahead.value.actual_version) == (5, 2)
     assert len(await store.read_stream("order_1")) == 2
+
+
+async def test_a_conflict_is_one_whatever_the_unique_constraint_is_called(pool):
+    """A database adopted from the seed's schema keeps its own name for UNIQUE (aggregate_id, version)
+    (a team's CONSTRAINT uq_... or a unique index): every conflict came back as a raw
+    UniqueViolationError, which append_with_retry did not retry."""
+    async with pool.acquire() as conn:
+        await conn.execute("ALTER TABLE events RENAME CONSTRAINT events_aggregate_id_version_key "
+                           "TO uq_events_stream_version")
+    store = EventStore(pool)
+    await store.append("o", "order", [NewEvent("A", {})], expected_version=0)
+    with pytest.raises(ConcurrencyError) as conflict:
+        await store.append("o", "order", [NewEvent("B", {})], expected_version=0)
+    assert (conflict.value.expected_version, conflict.value.actual_version) == (0, 1)
+    calls = 0
+
+    async def decide(history: list[RecordedEvent]) -> list[NewEvent]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # someone else gets there first, once
+            await store.append("o", "order", [NewEvent("Other", {})], expected_version=history[-1].version)
+        return [NewEvent("Mine", {})]
+
+    assert await store.append_with_retry("o", "order", decide) == 3 and calls == 2
+    # Another unique index (an idempotency key) is no version conflict: it stays the database's error.
+    async with pool.acquire() as conn:
+        await conn.execute("CREATE UNIQUE INDEX events_idempotency ON events ((data->>'key'))")
+    await store.append("p", "order", [NewEvent("A", {"key": "k1"})], expected_version=0)
+    with pytest.raises(asyncpg.UniqueViolationError, match="events_idempotency"):
+        await store.append("q", "order", [NewEvent("A", {"key": "k1"})], expected_version=0)
 
 
 async def test_another_aggregate_type_is_invalid_not_a_conflict(pool):

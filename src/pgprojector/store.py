@@ -79,7 +79,8 @@ class EventStore:
                         expected_version,
                     )
             except asyncpg.UniqueViolationError as exc:
-                if exc.constraint_name != _VERSION_CONSTRAINT:
+                if exc.constraint_name != _VERSION_CONSTRAINT and not await conn.fetchval(
+                        queries()["is_version_key"], exc.schema_name, exc.constraint_name):
                     raise
                 actual = await conn.fetchval(queries()["current_version"], aggregate_id)
                 if actual <= expected_version:
