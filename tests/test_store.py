@@ -314,6 +314,11 @@ async def test_retry_gives_up_with_a_clear_error(pool):
     with pytest.raises(RetriesExhaustedError, match="3 attempts") as exhausted:
         await store.append_with_retry("hot", "t", decide, max_attempts=3, base_delay=0.001)
     assert isinstance(exhausted.value.last, ConcurrencyError)
+    # The contract's ConcurrencyError, carrying the aggregate, the expected and the actual version:
+    # `except ConcurrencyError` around append_with_retry let exhaustion through.
+    assert isinstance(exhausted.value, ConcurrencyError)
+    assert (exhausted.value.aggregate_id, exhausted.value.expected_version, exhausted.value.actual_version) == (
+        "hot", 3, 4)
     assert [e.event_type for e in await store.read_stream("hot")] == ["A", "Other", "Other", "Other"]
 
 

@@ -39,14 +39,17 @@ class ConcurrencyError(PgProjectorError):
         )
 
 
-class RetriesExhaustedError(PgProjectorError):
-    """append_with_retry lost the race on every attempt."""
+class RetriesExhaustedError(ConcurrencyError):
+    """append_with_retry lost the race on every attempt: the versions are those of the last conflict."""
 
     def __init__(self, aggregate_id: str, attempts: int, last: ConcurrencyError) -> None:
         self.aggregate_id = aggregate_id
+        self.expected_version = last.expected_version
+        self.actual_version = last.actual_version
+        self.stale_snapshot = last.stale_snapshot
         self.attempts = attempts
         self.last = last
-        super().__init__(f"aggregate {aggregate_id}: still conflicting after {attempts} attempts ({last})")
+        Exception.__init__(self, f"aggregate {aggregate_id}: still conflicting after {attempts} attempts ({last})")
 
 
 class ProjectionError(PgProjectorError):
