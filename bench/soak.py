@@ -107,6 +107,11 @@ class Fleet:
 
     async def stop(self, daemon: h.DaemonProcess) -> None:
         self.running.remove(daemon)
+        # Its first log line comes after its signal handler is installed: in the fraction of a second
+        # before, SIGTERM ends the process by the signal (which systemd counts as a clean stop too).
+        deadline = time.monotonic() + 30
+        while daemon.alive and not daemon.text() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         daemon.send(signal.SIGTERM)
         try:
             code = await daemon.wait_exit(STOP_TIMEOUT + 10)
