@@ -112,7 +112,8 @@ class Fleet:
         deadline = time.monotonic() + 30
         while daemon.alive and not daemon.text() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        daemon.send(signal.SIGTERM)
+        if daemon.alive:
+            daemon.send(signal.SIGTERM)
         try:
             code = await daemon.wait_exit(STOP_TIMEOUT + 10)
         except AssertionError as exc:
