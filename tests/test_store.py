@@ -244,6 +244,9 @@ async def test_read_stream_as_of(pool):
     assert len(await store.read_stream("order_1", as_of=datetime.now(UTC))) == 2
     with pytest.raises(InvalidEventError):
         await store.read_stream("order_1", as_of=datetime.now())  # naive: ambiguous
+    for not_a_moment in (middle.date(), middle.isoformat()):
+        with pytest.raises(InvalidEventError, match="timezone-aware datetime"):
+            await store.read_stream("order_1", as_of=not_a_moment)  # type: ignore[arg-type]
 
 
 async def test_read_stream_as_of_is_a_prefix_of_the_history(pool, conn):

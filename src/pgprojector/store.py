@@ -147,8 +147,8 @@ class EventStore:
             if as_of is None:
                 rows = await conn.fetch(queries()["read_stream"], aggregate_id)
             else:
-                if as_of.tzinfo is None:
-                    raise InvalidEventError("as_of must be a timezone-aware datetime")
+                if not isinstance(as_of, datetime) or as_of.tzinfo is None:
+                    raise InvalidEventError(f"as_of must be a timezone-aware datetime, not {as_of!r}")
                 rows = await conn.fetch(queries()["read_stream_as_of"], aggregate_id, as_of)
         # (data and metadata come as JSON text: see sql/queries.sql)
         return [RecordedEvent.from_text_record(row) for row in rows]
