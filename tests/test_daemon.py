@@ -878,3 +878,21 @@ async def test_a_server_that_stops_answering_is_logged_and_does_not_hold_a_stop(
     assert daemon.stop_forced and took < 10, took
     assert [entry["unfinished"] for entry in logs if entry["event"] == "stop_timeout"] == [["orders"]]
     assert await conn.fetchval("SELECT position FROM pgprojector_projections WHERE name = 'orders'") == 1
+
+
+async def test_a_connection_lost_mid_use_raises_its_own_error_not_the_pools(dsn, conn):
+    """A backend ended while the connection is in hand: asyncpg releases the connection to the pool
+    as it notices, and db.acquire's clean-up must not replace the real cause (what the daemon logs in
+    database_unavailable) with `cannot call Connection.terminate(): ... released back to the pool`."""
+    pool = await db.create_pool(dsn, role="tests-lost", min_size=1, max_size=1)
+    try:
+        with pytest.raises(Exception) as caught:  # noqa: PT011 - which error is what is checked
+            async with db.acquire(pool) as lost:
+                await conn.execute("SELECT pg_terminate_backend($1)", lost.get_server_pid())
+                await anyio.sleep(0.3)  # the server's FATAL arrives; asyncpg closes and releases it
+                await lost.fetchval("SELECT 1")
+        assert "Connection.terminate()" not in str(caught.value), repr(caught.value)
+        async with db.acquire(pool) as fresh:  # and the pool goes on with a new connection
+            assert await fresh.fetchval("SELECT 1") == 1
+    finally:
+        await pool.close()

@@ -184,7 +184,7 @@ async def acquire(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
         yield conn
     except BaseException as exc:
         if is_transient(exc):
-            conn.terminate()
+            _discard(conn)
         raise
     finally:
         try:
@@ -192,4 +192,15 @@ async def acquire(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
         except Exception as exc:
             if not is_transient(exc):
                 raise
-            conn.terminate()
+            _discard(conn)
+
+
+def _discard(conn: asyncpg.Connection) -> None:
+    """Terminate a pooled connection, unless asyncpg has released it already: it does so by itself when
+    it notices the connection closed, and terminate() would then raise its own InterfaceError ("cannot
+    call Connection.terminate(): connection has been released back to the pool") in place of the
+    error that says what happened (a server restart, an idle_in_transaction_session_timeout...)."""
+    try:
+        conn.terminate()
+    except asyncpg.InterfaceError:
+        pass
