@@ -651,3 +651,34 @@ async def test_a_stop_while_waiting_for_the_database_at_start_is_clean_and_logge
         assert daemon.log_events("daemon_stopped", clean=True)
     finally:
         daemon.close()
+
+
+async def test_a_stop_while_start_up_waits_on_a_lock_exits_at_once(dsn, tmp_path):
+    """A daemon setting up a projection new to the database waits for the migration lock, which a
+    `pgprojector migrate` holds for as long as it runs: a SIGTERM then went unheard until the lock was
+    free (a service manager's stop timeout, then SIGKILL). Nothing is in hand at start-up: exit 0 now."""
+    from pgprojector.migrations import MIGRATION_LOCK_KEY
+
+    conn = await _harness_conn(dsn)
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)  # as a running `migrate` does
+    daemon = h.DaemonProcess(dsn, tmp_path / "daemon.log", projections=h.WITH_WITNESS, stop_timeout="3")
+    try:
+        deadline = time.monotonic() + 30
+        while not await conn.fetchval(  # the daemon's start-up waits on the lock
+                "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE application_name = 'pgprojector-daemon' "
+                "AND wait_event_type = 'Lock' AND datname = current_database())"):
+            assert time.monotonic() < deadline and daemon.alive, daemon.tail()
+            await asyncio.sleep(0.05)
+        sent = time.monotonic()
+        daemon.send(signal.SIGTERM)
+        assert await daemon.wait_exit(10) == 0, daemon.tail()
+        assert time.monotonic() - sent < 5
+        assert daemon.log_events("daemon_stopped", clean=True)
+        assert not [r for r in daemon.logs() if r.get("level") == "error"], daemon.tail()
+        # nothing half set up is left behind
+        assert await conn.fetchval("SELECT count(*) FROM pgprojector_projections WHERE name = 'witness'") == 0
+        assert await conn.fetchval("SELECT count(*) FROM pgprojector_daemons") == 0
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+        daemon.close()
+        await conn.close()

@@ -63,6 +63,9 @@ class Daemon:
         # Set when a stop did not let every batch in hand commit (stop timeout, second signal): the
         # daemon then exits 1.
         self.stop_forced = False
+        # The start-up (waiting for the database, setting up projections) while it runs: a stop cancels
+        # it, as nothing is in hand yet (it may be waiting on a lock a `migrate` holds for minutes).
+        self._starting: anyio.CancelScope | None = None
         self.metrics = Metrics(None)
         self.listener = Listener(self.dsn, settings.channel, self._wake_all,
                                  on_reconnect=lambda: self.metrics.reconnect("listener"))
@@ -74,7 +77,11 @@ class Daemon:
             watchdog = systemd.watchdog_interval()
             if watchdog is not None:
                 outer.start_soon(systemd.run_watchdog, watchdog)
-            pool = await self._open_pool()
+            pool = None
+            with anyio.CancelScope() as self._starting:
+                if not self.stopping.is_set():
+                    pool = await self._open_pool()
+            self._starting = None
             if pool is None:  # stop requested before the database came up
                 log.info("daemon_stopped", events_applied=0, clean=True)
                 outer.cancel_scope.cancel()
@@ -170,6 +177,10 @@ class Daemon:
                     notified = await notify_channel(conn)
                     await conn.execute(queries()["register_daemon"], self.id, socket.gethostname(), os.getpid(),
                                        [p.name for p in self.projections])
+            except anyio.get_cancelled_exc_class():  # a stop during start-up
+                if pool is not None:
+                    pool.terminate()
+                raise
             except Exception as exc:
                 if pool is not None:
                     pool.terminate()
@@ -307,6 +318,8 @@ class Daemon:
     def request_stop(self) -> None:
         systemd.notify_stopping("finishing the batch in hand")
         self.stopping.set()
+        if self._starting is not None:
+            self._starting.cancel()
         self._wake_all()
 
     def _wake_all(self) -> None:
