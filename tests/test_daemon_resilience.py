@@ -653,6 +653,25 @@ async def test_a_stop_while_waiting_for_the_database_at_start_is_clean_and_logge
         daemon.close()
 
 
+async def test_sighup_neither_kills_the_daemon_nor_stops_it(dsn, tmp_path):
+    """SIGHUP (a terminal hang-up, `kill -HUP` out of the reload habit) killed the daemon on the spot,
+    with no log line; systemd's Restart=on-failure counts death by SIGHUP as clean and left it down."""
+    conn = await _harness_conn(dsn)
+    daemon = h.DaemonProcess(dsn, tmp_path / "daemon.log", projections=h.WITH_WITNESS)
+    try:
+        await daemon.wait_for_log("daemon_ready", timeout=30)
+        daemon.send(signal.SIGHUP)
+        await daemon.wait_for_log("signal_ignored", timeout=5, signal="SIGHUP")
+        await h.insert_planned(conn, h.plan_orders(20, random.Random(1)))
+        await h.wait_caught_up(conn, h.ALL_WITH_WITNESS, timeout=30, daemons=[daemon])
+        daemon.send(signal.SIGTERM)
+        assert await daemon.wait_exit(10) == 0, daemon.tail()
+        await _assert_witness_exactly_once(conn)
+    finally:
+        daemon.close()
+        await conn.close()
+
+
 async def test_a_stop_while_start_up_waits_on_a_lock_exits_at_once(dsn, tmp_path):
     """A daemon setting up a projection new to the database waits for the migration lock, which a
     `pgprojector migrate` holds for as long as it runs: a SIGTERM then went unheard until the lock was

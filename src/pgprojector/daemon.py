@@ -305,9 +305,14 @@ class Daemon:
             log.warning("unregister_failed", error=db.describe_error(exc))
 
     async def _watch_signals(self, scope: anyio.CancelScope) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
-                if not self.stopping.is_set():
+                if signum == signal.SIGHUP:
+                    # (its default action killed the daemon without a word, and systemd's
+                    # Restart=on-failure takes death by SIGHUP for a clean exit: it stayed down)
+                    log.warning("signal_ignored", signal="SIGHUP",
+                                hint="pgprojector reloads nothing: restart it to apply new settings")
+                elif not self.stopping.is_set():
                     log.info("stop_requested", signal=signal.Signals(signum).name)
                     self.request_stop()
                 else:
