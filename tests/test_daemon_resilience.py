@@ -701,3 +701,43 @@ async def test_a_stop_while_start_up_waits_on_a_lock_exits_at_once(dsn, tmp_path
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
         daemon.close()
         await conn.close()
+
+
+async def test_a_read_only_database_is_waited_out_not_a_crash_loop(dsn, tmp_path):
+    """A database that refuses writes (a hot standby the DSN reached in a failover, or
+    default_transaction_read_only=on) made the daemon exit 1 with a traceback, at start and under way
+    ("cannot execute SELECT FOR UPDATE in a read-only transaction"): a restart loop under systemd.
+    Like a server that is down, it says so and waits; then it goes on, skipping and doubling nothing."""
+    conn = await _harness_conn(dsn)
+    database = await conn.fetchval("SELECT current_database()")
+    await h.insert_planned(conn, h.plan_orders(50, random.Random(1)))
+    await conn.execute(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
+    daemon = h.DaemonProcess(dsn, tmp_path / "daemon.log", projections=h.WITH_WITNESS)
+    try:
+        waiting = await daemon.wait_for_log("database_unavailable", timeout=30)
+        assert "read-only" in waiting[0]["error"], waiting
+        await asyncio.sleep(2)
+        assert daemon.alive, daemon.tail()
+        await conn.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
+        await h.wait_caught_up(conn, h.ALL_WITH_WITNESS, timeout=60, daemons=[daemon])
+
+        # Under way: the database turns read-only, the daemon's sessions are cut and come back to it.
+        await conn.execute(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
+        await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                           "WHERE application_name LIKE 'pgprojector%' AND datname = current_database()")
+        await h.insert_planned(conn, h.plan_orders(50, random.Random(2), first_id=1000))
+        await asyncio.sleep(4)
+        assert daemon.alive, daemon.tail()
+        points = await h.checkpoints(conn)
+        assert all(points[name]["state"] == "running" for name in h.ALL_WITH_WITNESS), points
+        assert await conn.fetchval("SELECT count(*) FROM pgprojector_dead_letters") == 0
+        await conn.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
+        await h.wait_caught_up(conn, h.ALL_WITH_WITNESS, timeout=60, daemons=[daemon])
+        _assert_models(await h.read_models(conn), h.fold(await h.read_log(conn)), seed=0)
+        await _assert_witness_exactly_once(conn)
+        daemon.send(signal.SIGTERM)
+        assert await daemon.wait_exit(10) == 0, daemon.tail()
+    finally:
+        daemon.close()
+        await conn.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
+        await conn.close()

@@ -12,7 +12,10 @@ TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57")
 # Nor does a lock_timeout (a read model locked by someone else, e.g. a CREATE INDEX): counted
 # against the event, it would park or halt a valid one. (A missing privilege, 42501, stays the
 # event's: a row-level security policy's WITH CHECK refuses an event's data with the same code.)
-TRANSIENT_SQLSTATES = ("55P03",)
+# Nor does a database that refuses writes, 25006 (a hot standby the DSN reached in a failover, or
+# default_transaction_read_only): waited out like a server that is down, never a crash loop, and the
+# connection is discarded, as a session keeps the read-only default it started with.
+TRANSIENT_SQLSTATES = ("55P03", "25006")
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
