@@ -44,6 +44,13 @@ WHERE aggregate_id = $1 AND created_at <= $2
                          9223372036854775807)
 ORDER BY version
 
+-- name: session_timeouts
+-- The server's limits on a daemon session that are not off (for its start-up log line): each can end
+-- a batch (see worker.py), and an operator looking at one that keeps failing wants to know them.
+SELECT name, setting, unit FROM pg_catalog.pg_settings
+WHERE name IN ('statement_timeout', 'lock_timeout', 'idle_in_transaction_session_timeout') AND setting <> '0'
+ORDER BY name
+
 -- name: horizon
 SELECT horizon, drawn FROM pgprojector_horizon()
 

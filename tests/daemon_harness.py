@@ -62,6 +62,21 @@ async def _witness_handle(conn: asyncpg.Connection, events: Sequence[pgprojector
 witness = pgprojector.Projection(name="witness", handle=_witness_handle, schema=WITNESS_SCHEMA, tables=("witness",))
 
 
+# A witness whose handler works PGPROJECTOR_TEST_SLOW_MS (50) per event in Python first, idle in its
+# transaction meanwhile, as a handler calling out to another service would.
+SLOW_WITNESS_SCHEMA = WITNESS_SCHEMA.replace("witness", "slow_witness")
+
+
+async def _slow_witness_handle(conn: asyncpg.Connection, events: Sequence[pgprojector.RecordedEvent]) -> None:
+    await asyncio.sleep(float(os.environ.get("PGPROJECTOR_TEST_SLOW_MS", "50")) / 1000 * len(events))
+    await conn.executemany("INSERT INTO slow_witness (position, aggregate_id, version) VALUES ($1, $2, $3)",
+                           [(e.position, e.aggregate_id, e.version) for e in events])
+
+
+slow_witness = pgprojector.Projection(name="slow_witness", handle=_slow_witness_handle, schema=SLOW_WITNESS_SCHEMA,
+                                      tables=("slow_witness",))
+
+
 # --------------------------------------------------------------------------------------------
 # Daemon subprocesses
 # --------------------------------------------------------------------------------------------

@@ -741,3 +741,32 @@ async def test_a_read_only_database_is_waited_out_not_a_crash_loop(dsn, tmp_path
         daemon.close()
         await conn.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
         await conn.close()
+
+
+async def test_a_handler_slower_than_the_idle_in_transaction_timeout_gets_smaller_batches(dsn, tmp_path):
+    """A server that ends sessions idle in a transaction for 300 ms, and a handler that works 50 ms per
+    event in Python (idle in its transaction meanwhile): a batch of 16 lost its connection every time,
+    was retried as it was, and the projection never moved, logging only "connection is closed". Halved
+    after two such losses at one checkpoint, batches of 4 go through; nothing is blamed or parked."""
+    conn = await _harness_conn(dsn)
+    database = await conn.fetchval("SELECT current_database()")
+    await h.insert_planned(conn, h.plan_orders(15, random.Random(3)))
+    top = await h.head(conn)
+    assert 40 <= top <= 90, top
+    await conn.execute(f"ALTER DATABASE \"{database}\" SET idle_in_transaction_session_timeout = '300ms'")
+    daemon = h.DaemonProcess(dsn, tmp_path / "daemon.log", projections="daemon_harness:slow_witness",
+                             batch_size="16", on_error="park", max_attempts="2")
+    try:
+        started = await daemon.wait_for_log("daemon_started", timeout=30)
+        assert started[0]["server_timeouts"] == {"idle_in_transaction_session_timeout": "300ms"}, started
+        await h.wait_caught_up(conn, ["slow_witness"], timeout=120, daemons=[daemon])
+        assert daemon.log_events("batch_shrunk"), daemon.tail()
+        assert await conn.fetchval("SELECT count(*) FROM pgprojector_dead_letters") == 0
+        assert await conn.fetchval("SELECT count(*) FROM slow_witness") == top
+        assert await conn.fetchval("SELECT count(DISTINCT position) FROM slow_witness") == top
+        daemon.send(signal.SIGTERM)
+        assert await daemon.wait_exit(10) == 0, daemon.tail()
+    finally:
+        daemon.close()
+        await conn.execute(f'ALTER DATABASE "{database}" RESET idle_in_transaction_session_timeout')
+        await conn.close()

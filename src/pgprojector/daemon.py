@@ -174,6 +174,8 @@ class Daemon:
                 async with db.acquire(pool) as conn:
                     await self._check_schema(conn)
                     server_version = await conn.fetchval("SHOW server_version")
+                    timeouts = {row["name"]: row["setting"] + (row["unit"] or "")
+                                for row in await conn.fetch(queries()["session_timeouts"])}
                     notified = await notify_channel(conn)
                     await conn.execute(queries()["register_daemon"], self.id, socket.gethostname(), os.getpid(),
                                        [p.name for p in self.projections])
@@ -215,7 +217,7 @@ class Daemon:
             log.info("daemon_started", projections=[p.name for p in self.projections],
                      batch_size=self.settings.batch_size, poll_interval=self.settings.poll_interval,
                      on_error=self.settings.on_error, max_attempts=self.settings.max_attempts,
-                     channel=self.settings.channel, server_version=server_version,
+                     channel=self.settings.channel, server_version=server_version, server_timeouts=timeouts,
                      database=db.redact_dsn(self.dsn), daemon_id=str(self.id), pid=os.getpid())
             return pool
         return None

@@ -61,6 +61,11 @@ class EventFailed(Exception):
         self.size = size
 
 
+# A batch whose handler loses its connection (or meets other database trouble) this many times in a row
+# at the same checkpoint is halved: see _on_database_failure.
+SHRINK_AFTER = 2
+
+
 def _too_big(exc: BaseException, size: int) -> bool:
     """A batch of more than one event canceled, by a statement_timeout most likely: retried as it is,
     it would time out forever, so it is halved like a failed batch (with the error logged)."""
@@ -104,6 +109,10 @@ class ProjectionWorker:
         self._isolate_until = 0
         self._attempts = 0  # consecutive failures of the event at the checkpoint
         self._db_failures = 0
+        # The batch (checkpoint, last position, size) whose handler last met database trouble, and
+        # how many times in a row one did at that checkpoint.
+        self._interrupted: tuple[int, int, int] | None = None
+        self._interruptions = (0, 0)  # (checkpoint, count)
         self._waiting_logged_for: int | None = None
         self.events_applied = 0
         self.in_flight: InFlight | None = None
@@ -193,6 +202,7 @@ class ProjectionWorker:
             if self._isolating() and self._attempts:  # the culprit went through when retried: whole batches again
                 self._stop_isolating()
             self._attempts = 0
+            self._interruptions = (0, 0)
         if self._isolating() and new_position >= self._isolate_until:
             self._stop_isolating()
         if applied:
@@ -261,6 +271,7 @@ class ProjectionWorker:
             applied = await apply
         except Exception as exc:
             if is_transient(exc) and not _too_big(exc, size):
+                self._interrupted = (after, last, size)
                 raise
             raise EventFailed(exc, first, last, size) from exc
         if count is None:
@@ -336,7 +347,33 @@ class ProjectionWorker:
         delay = backoff(self._db_failures, base=0.2, cap=10.0)
         self._log.warning("database_unavailable", error=db.describe_error(exc), attempt=self._db_failures,
                           retry_in_s=round(delay, 2))
+        self._shrink_if_interrupted_again()
         await self._sleep(delay)
+
+    def _shrink_if_interrupted_again(self) -> None:
+        """A batch whose handler keeps meeting database trouble at the same checkpoint is halved (the
+        trouble is never counted against an event). Most likely the server ends the session while the
+        handler works, an idle_in_transaction_session_timeout shorter than the batch's handler takes
+        (asyncpg reports only "connection is closed"), and retried as it is, the batch would fail for
+        ever. Halved, a smaller batch goes through; after the failed batch's last position, whole
+        batches again."""
+        interrupted, self._interrupted = self._interrupted, None
+        if interrupted is None:
+            return
+        checkpoint, last, size = interrupted
+        at, count = self._interruptions
+        count = count + 1 if at == checkpoint else 1
+        self._interruptions = (checkpoint, count)
+        if count < SHRINK_AFTER or size <= 1:
+            return
+        self._interruptions = (checkpoint, 0)
+        self._isolation_limit = max(1, size // 2)
+        self._isolate_until = max(self._isolate_until, last)
+        self._log.warning("batch_shrunk", checkpoint=checkpoint, failures=count, next_batch=self._isolation_limit,
+                          hint="the handler met database trouble (its connection lost, most likely) in each of "
+                               "these batches: if it goes on, look for a server setting that ends sessions "
+                               "mid-batch, such as an idle_in_transaction_session_timeout shorter than a batch's "
+                               "handler takes")
 
     async def _report_waiting(self, batch: Batch) -> None:
         """Log, once per horizon, the open transactions holding it back (if any)."""
