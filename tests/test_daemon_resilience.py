@@ -770,3 +770,18 @@ async def test_a_handler_slower_than_the_idle_in_transaction_timeout_gets_smalle
         daemon.close()
         await conn.execute(f'ALTER DATABASE "{database}" RESET idle_in_transaction_session_timeout')
         await conn.close()
+
+
+@pytest.mark.parametrize("what", ["database", "user"])
+def test_run_with_a_database_or_user_that_does_not_exist_is_a_configuration_error(dsn, what):
+    """Once exit 1 with a traceback several KB long, which systemd restarted every 5 s for ever."""
+    scheme, rest = dsn.split("://", 1)
+    address, database = rest.rsplit("/", 1)
+    user, _, host = address.rpartition("@")
+    wrong = (f"{scheme}://{user}@{host}/no_such_database" if what == "database"
+             else f"{scheme}://no_such_user:Sekr1tPW@{host}/{database}")
+    result = h.run_cli("run", dsn=wrong, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert ("does not exist" in result.stderr and "PGPROJECTOR_DSN" in result.stderr
+            and "Traceback" not in result.stderr and "Sekr1tPW" not in result.stderr), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -186,6 +186,10 @@ class Daemon:
             except Exception as exc:
                 if pool is not None:
                     pool.terminate()
+                if isinstance(exc, (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidCatalogNameError)):
+                    # A wrong password or user, a database that does not exist: restarting will not
+                    # fix them, so one plain line and the configuration error's exit code, not a loop.
+                    raise ConfigError(f"{db.describe_error(exc)}: check PGPROJECTOR_DSN") from None
                 if isinstance(exc, asyncpg.InsufficientPrivilegeError):
                     # Its role may not read pgprojector's own tables: waiting will not grant it.
                     raise ConfigError(f"{db.describe_error(exc)}: the daemon's role needs CONNECT on the database "
