@@ -785,3 +785,24 @@ def test_run_with_a_database_or_user_that_does_not_exist_is_a_configuration_erro
     assert ("does not exist" in result.stderr and "PGPROJECTOR_DSN" in result.stderr
             and "Traceback" not in result.stderr and "Sekr1tPW" not in result.stderr), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+async def test_a_daemon_that_fails_says_why_not_which_task_group(server, dsn, tmp_path):
+    """Its database dropped under it: the daemon exits 1 (its service manager restarts it, and the
+    start-up then says the database does not exist, exit 2), and the log line names the cause, where
+    it once named `ExceptionGroup: unhandled errors in a TaskGroup`, the cause only in the traceback."""
+    database = dsn.rsplit("/", 1)[1]
+    daemon = h.DaemonProcess(dsn, tmp_path / "daemon.log")
+    try:
+        await daemon.wait_for_log("daemon_started", timeout=30)
+        admin = await asyncpg.connect(server.admin_dsn)
+        try:
+            await admin.execute(f'DROP DATABASE "{database}" WITH (FORCE)')
+        finally:
+            await admin.close()
+        assert await daemon.wait_exit(60) == 1, daemon.tail()
+        failed = daemon.log_events("daemon_failed")
+        assert failed and failed[0]["error"].startswith("InvalidCatalogNameError: "), daemon.tail()
+        assert database in failed[0]["error"]
+    finally:
+        daemon.close()

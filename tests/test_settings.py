@@ -130,16 +130,6 @@ def test_redaction_knows_every_form_of_password():
         assert "Sekr1t" not in db.redact(f"failed: {password} (in {dsn})", dsn)
 
 
-def test_a_daemon_that_fails_says_why_not_which_task_group(server):
-    """A database that does not exist: the log line named `ExceptionGroup: unhandled errors in a
-    TaskGroup`, the cause only in the traceback."""
-    result = run_cli("run", dsn=server.dsn_for("pgprojector_no_such_database"), log_format="json", timeout=60)
-    assert result.returncode == 1
-    failed = [json.loads(line) for line in result.stderr.splitlines() if '"daemon_failed"' in line]
-    assert failed and failed[0]["error"].startswith("InvalidCatalogNameError: ")
-    assert "pgprojector_no_such_database" in failed[0]["error"]
-
-
 @pytest.mark.parametrize(("source", "says"), [
     ("x = 1 / 0\n", r"importing failing_module_\w+ raised ZeroDivisionError: division by zero \(.*failing_module_\w+\.py, line 1\)"),
     ("def broken(:\n", r"importing failing_module_\w+ raised SyntaxError: .*line 1"),
