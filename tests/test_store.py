@@ -79,6 +79,24 @@ async def test_a_conflict_is_one_whatever_the_unique_constraint_is_called(pool):
         await store.append("q", "order", [NewEvent("A", {"key": "k1"})], expected_version=0)
 
 
+async def test_a_unique_violation_in_another_table_is_no_version_conflict(pool):
+    """A trigger on events that writes another table with its own UNIQUE (aggregate_id, version) (an
+    outbox): its violation was taken for a version conflict by the index's columns alone and, the
+    stream being where it was expected, reported under READ COMMITTED as a stale REPEATABLE READ
+    snapshot. It is the database's error, as any other unique index's."""
+    store = EventStore(pool)
+    async with pool.acquire() as conn:
+        await conn.execute("""
+            CREATE TABLE outbox (aggregate_id text, version bigint, UNIQUE (aggregate_id, version));
+            CREATE FUNCTION to_outbox() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN INSERT INTO outbox VALUES (NEW.aggregate_id, NEW.version); RETURN NEW; END $$;
+            CREATE TRIGGER to_outbox AFTER INSERT ON events FOR EACH ROW EXECUTE FUNCTION to_outbox();
+            INSERT INTO outbox VALUES ('order_1', 1);""")
+    with pytest.raises(asyncpg.UniqueViolationError, match="outbox_aggregate_id_version_key"):
+        await store.append("order_1", "order", [NewEvent("OrderCreated", {})], expected_version=0)
+    assert await store.read_stream("order_1") == []
+
+
 async def test_another_aggregate_type_is_invalid_not_a_conflict(pool):
     """Retrying it could never succeed: the aggregate keeps the type of its first event."""
     store = EventStore(pool)

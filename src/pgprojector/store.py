@@ -79,8 +79,9 @@ class EventStore:
                         expected_version,
                     )
             except asyncpg.UniqueViolationError as exc:
-                if exc.constraint_name != _VERSION_CONSTRAINT and not await conn.fetchval(
-                        queries()["is_version_key"], exc.schema_name, exc.constraint_name):
+                # (events' own index: a trigger may write another table with such an index, an outbox)
+                if exc.table_name != "events" or (exc.constraint_name != _VERSION_CONSTRAINT and not await conn.fetchval(
+                        queries()["is_version_key"], exc.schema_name, exc.constraint_name)):
                     raise
                 actual = await conn.fetchval(queries()["current_version"], aggregate_id)
                 if actual <= expected_version:
