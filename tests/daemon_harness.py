@@ -728,3 +728,18 @@ async def wait_caught_up(conn: asyncpg.Connection, names: Iterable[str], timeout
             raise AssertionError(f"not caught up within {timeout}s: head {top}, horizon {horizon}, "
                                  f"checkpoints {points}\n{tails}")
         await asyncio.sleep(0.1)
+
+
+# The same, but its handler writes first and then works in Python (idle in its transaction): the
+# session is ended after the handler has returned, at the worker's next statement.
+SLOW_AFTER_WITNESS_SCHEMA = WITNESS_SCHEMA.replace("witness", "slow_after_witness")
+
+
+async def _slow_after_witness_handle(conn: asyncpg.Connection, events: Sequence[pgprojector.RecordedEvent]) -> None:
+    await conn.executemany("INSERT INTO slow_after_witness (position, aggregate_id, version) VALUES ($1, $2, $3)",
+                           [(e.position, e.aggregate_id, e.version) for e in events])
+    await asyncio.sleep(float(os.environ.get("PGPROJECTOR_TEST_SLOW_MS", "50")) / 1000 * len(events))
+
+
+slow_after_witness = pgprojector.Projection(name="slow_after_witness", handle=_slow_after_witness_handle,
+                                            schema=SLOW_AFTER_WITNESS_SCHEMA, tables=("slow_after_witness",))

@@ -806,3 +806,29 @@ async def test_a_daemon_that_fails_says_why_not_which_task_group(server, dsn, tm
         assert database in failed[0]["error"]
     finally:
         daemon.close()
+
+
+async def test_a_handler_idle_after_its_writes_past_the_timeout_gets_smaller_batches_too(dsn, tmp_path):
+    """The same server, and a handler that writes first and then works 50 ms per event in Python: the
+    session ends after the handler has returned, and the loss shows at the checkpoint's save or at
+    COMMIT, not in the handler. It was never counted as the batch's, the batch was never halved, and
+    the projection never moved ('cannot call Transaction.__aexit__(): the underlying connection is
+    closed', for ever)."""
+    conn = await _harness_conn(dsn)
+    database = await conn.fetchval("SELECT current_database()")
+    await h.insert_planned(conn, h.plan_orders(15, random.Random(3)))
+    top = await h.head(conn)
+    await conn.execute(f"ALTER DATABASE \"{database}\" SET idle_in_transaction_session_timeout = '300ms'")
+    daemon = h.DaemonProcess(dsn, tmp_path / "daemon.log", projections="daemon_harness:slow_after_witness",
+                             batch_size="16", on_error="park", max_attempts="2")
+    try:
+        await h.wait_caught_up(conn, ["slow_after_witness"], timeout=120, daemons=[daemon])
+        assert daemon.log_events("batch_shrunk"), daemon.tail()
+        assert await conn.fetchval("SELECT count(*) FROM pgprojector_dead_letters") == 0
+        assert await conn.fetchval("SELECT count(DISTINCT position) FROM slow_after_witness") == top
+        daemon.send(signal.SIGTERM)
+        assert await daemon.wait_exit(10) == 0, daemon.tail()
+    finally:
+        daemon.close()
+        await conn.execute(f'ALTER DATABASE "{database}" RESET idle_in_transaction_session_timeout')
+        await conn.close()

@@ -113,6 +113,10 @@ class ProjectionWorker:
         # how many times in a row one did at that checkpoint.
         self._interrupted: tuple[int, int, int] | None = None
         self._interruptions = (0, 0)  # (checkpoint, count)
+        # The batch (checkpoint, last position, size) whose handler has been called, until its transaction
+        # ends: trouble from then on (the handler's, or at the checkpoint's save or COMMIT after it) is
+        # the batch's interruption.
+        self._handled: tuple[int, int, int] | None = None
         self._waiting_logged_for: int | None = None
         self.events_applied = 0
         self.in_flight: InFlight | None = None
@@ -166,6 +170,7 @@ class ProjectionWorker:
         # (from before the connection is taken until after it is back: a pool or a BEGIN that does not
         # answer holds a batch up too)
         self.in_flight = InFlight(anyio.current_time())
+        self._handled = None
         try:
             async with db.acquire(self.pool) as conn, conn.transaction(isolation="read_committed"):
                 self.in_flight.backend_pid = conn.get_server_pid()
@@ -187,6 +192,10 @@ class ProjectionWorker:
                 if caught_up and self.on_caught_up is not None:
                     await self.on_caught_up(conn)
         except Exception as exc:
+            if self._handled is not None and is_transient(exc):
+                # (a handler that writes first and then works in Python, idle in its transaction, loses
+                # its session only at the next statement: the checkpoint's save, or COMMIT)
+                self._interrupted = self._handled
             # What fails after the handler returned, at COMMIT (a deferred constraint), fails the batch too.
             if span is None or isinstance(exc, EventFailed) or is_transient(exc):
                 raise
@@ -267,11 +276,11 @@ class ProjectionWorker:
             # A short read saw everything up to the horizon.
             reached = last if count == limit else horizon
             apply = self.projection.handle(conn, events)
+        self._handled = (after, last, size)
         try:
             applied = await apply
         except Exception as exc:
             if is_transient(exc) and not _too_big(exc, size):
-                self._interrupted = (after, last, size)
                 raise
             raise EventFailed(exc, first, last, size) from exc
         if count is None:
