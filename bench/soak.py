@@ -102,7 +102,10 @@ class Fleet:
 
     async def kill9(self, daemon: h.DaemonProcess) -> None:
         self.running.remove(daemon)
+        exited = daemon.returncode  # it ended by itself before the watch saw it: that is no kill to ignore
         await daemon.kill9()
+        if exited is not None:
+            self.report.problems.append(f"daemon {daemon.log_path.name} exited {exited} on its own:\n{daemon.tail(15)}")
         daemon.close()
 
     async def stop(self, daemon: h.DaemonProcess) -> None:

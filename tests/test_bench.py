@@ -6,6 +6,7 @@ fail when its results are damaged). The measurements and the long soaks themselv
 from __future__ import annotations
 
 import json
+import random
 import re
 import shutil
 import subprocess
@@ -74,3 +75,17 @@ def test_soak_fails_when_the_results_are_wrong(tmp_path):
     problems = "\n".join(json.loads(results.read_text())["problems"])
     assert "never reached the witness" in problems and "read_model_orders" in problems, problems
     assert "soak: FAILED" in done.stdout
+
+
+async def test_soak_reports_a_daemon_that_exited_on_its_own_when_chaos_picks_it_for_kill_9(dsn, tmp_path):
+    """A daemon that exits by itself is a failure, seen by the watch each second; but one picked for
+    kill -9 meanwhile was killed "again" and its exit code dropped: the soak passed."""
+    sys.path.insert(0, str(BENCH))
+    import soak
+
+    report = soak.Report(seed=0, minutes=0)
+    fleet = soak.Fleet(dsn.rsplit("/", 1)[0] + "/no_such_database", tmp_path, random.Random(0), report)
+    daemon = fleet.start()
+    assert await daemon.wait_exit(30) == 2, daemon.tail()
+    await fleet.kill9(daemon)
+    assert len(report.problems) == 1 and "exited 2 on its own" in report.problems[0], report.problems
