@@ -697,6 +697,12 @@ async def test_a_stop_while_start_up_waits_on_a_lock_exits_at_once(dsn, tmp_path
         # nothing half set up is left behind
         assert await conn.fetchval("SELECT count(*) FROM pgprojector_projections WHERE name = 'witness'") == 0
         assert await conn.fetchval("SELECT count(*) FROM pgprojector_daemons") == 0
+        # nor its session: cut while it waited, its backend waited on in the lock's queue, the daemon gone
+        deadline = time.monotonic() + 5
+        while await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                                  "'pgprojector-daemon' AND datname = current_database()"):
+            assert time.monotonic() < deadline, "the daemon's backend still waits on the lock after its exit"
+            await asyncio.sleep(0.1)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
         daemon.close()

@@ -168,10 +168,12 @@ class Daemon:
         failures = 0
         while not self.stopping.is_set():
             pool = None
+            backend: int | None = None
             try:
                 pool = await db.create_pool(self.dsn, role="daemon", min_size=1,
                                             max_size=len(self.projections) + 3, timeout=10)
                 async with db.acquire(pool) as conn:
+                    backend = conn.get_server_pid()
                     await self._check_schema(conn)
                     server_version = await conn.fetchval("SHOW server_version")
                     timeouts = {row["name"]: row["setting"] + (row["unit"] or "")
@@ -182,6 +184,20 @@ class Daemon:
             except anyio.get_cancelled_exc_class():  # a stop during start-up
                 if pool is not None:
                     pool.terminate()
+                if backend is not None:
+                    # A backend cut while it waits on a lock (the migration lock, say) waits on in its
+                    # queue, the session of a daemon gone, until granted: ended here.
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_SECONDS):
+                        try:
+                            ender = await db.connect(self.dsn, role="daemon")
+                            try:
+                                await ender.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = $1 "
+                                                    "AND application_name = 'pgprojector-daemon'", backend)
+                            finally:
+                                ender.terminate()
+                        except Exception as exc:
+                            log.warning("start_up_session_not_ended", backend_pid=backend,
+                                        error=db.describe_error(exc))
                 raise
             except Exception as exc:
                 if pool is not None:
