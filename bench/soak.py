@@ -70,6 +70,7 @@ class Report:
     produced: Counter[str] = field(default_factory=Counter)
     interrupted: Counter[str] = field(default_factory=Counter)  # producer steps cut short by a lost connection
     chaos: Counter[str] = field(default_factory=Counter)
+    chaos_turns: int = 0  # turns in which every action was done once
     daemons_started: int = 0
     max_lag: int = 0
     events: int = 0
@@ -347,6 +348,8 @@ async def chaos_loop(fleet: Fleet, server: EmbeddedPostgres | None, dsn: str, ev
         if not turn:  # every action once per turn, in a new order each turn
             turn = rng.sample(actions, len(actions))
         await chaos(turn.pop(), fleet, server, dsn)
+        if not turn:
+            fleet.report.chaos_turns += 1
 
 
 async def watch(fleet: Fleet, conn_for: Callable[[], Awaitable[asyncpg.Connection]], stop: asyncio.Event) -> None:
@@ -418,6 +421,16 @@ async def soak(args: argparse.Namespace, dsn: str, server: EmbeddedPostgres | No
         await setup.close()
 
     fleet = Fleet(dsn, logdir, rng, report)
+    try:
+        await _produce_and_check(args, dsn, server, fleet, rng, report)
+    finally:
+        for daemon in fleet.running:  # whatever failed, no daemon outlives the soak
+            daemon.close()
+    return report
+
+
+async def _produce_and_check(args: argparse.Namespace, dsn: str, server: EmbeddedPostgres | None, fleet: Fleet,
+                             rng: random.Random, report: Report) -> None:
     fleet.start()
     # (min_size 0: no floor for asyncpg to restore, with tracebacks, while the server is down)
     pool = await db.create_pool(dsn, role="producer", min_size=0, max_size=args.racers + 8)
@@ -430,8 +443,16 @@ async def soak(args: argparse.Namespace, dsn: str, server: EmbeddedPostgres | No
     try:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(stop_watching.wait()), args.minutes * 60)  # set early if halted
+        # (then until --min-turns whole turns of chaos are done, however slow the machine)
+        while report.chaos_turns < args.min_turns and not stop_watching.is_set():
+            await asyncio.sleep(0.2)
         stop_producing.set()
         await asyncio.gather(*tasks)
+    except BaseException:
+        stop_watching.set()
+        for task in [*tasks, watching]:
+            task.cancel()
+        raise
     finally:
         stop_producing.set()
         await pool.close()
@@ -457,9 +478,6 @@ async def soak(args: argparse.Namespace, dsn: str, server: EmbeddedPostgres | No
             "SELECT projection, count(*) AS n FROM pgprojector_dead_letters GROUP BY projection ORDER BY 1")}
     finally:
         await conn.close()
-        for daemon in fleet.running:
-            daemon.close()
-    return report
 
 
 def main() -> int:
@@ -468,6 +486,9 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=10.0, help="how long producers and chaos run (default 10)")
     parser.add_argument("--chaos-every", type=float, default=8.0,
                         help="mean seconds between chaos actions (default 8; 0: no chaos)")
+    parser.add_argument("--min-turns", type=int, default=0,
+                        help="go on past --minutes until this many whole turns of chaos (every action once) are "
+                             "done (default 0)")
     parser.add_argument("--racers", type=int, default=6, help="producers racing with append_with_retry (default 6)")
     parser.add_argument("--seed", type=int, default=None, help="replay a run's random choices")
     parser.add_argument("--dsn", default=None,
