@@ -51,6 +51,10 @@ SELECT name, setting, unit FROM pg_catalog.pg_settings
 WHERE name IN ('statement_timeout', 'lock_timeout', 'idle_in_transaction_session_timeout') AND setting <> '0'
 ORDER BY name
 
+-- name: end_start_up_session
+-- The daemon's own start-up backend, by pid (and name, should the pid be someone else's by now).
+SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = $1 AND application_name = 'pgprojector-daemon'
+
 -- name: horizon
 SELECT horizon, drawn FROM pgprojector_horizon()
 

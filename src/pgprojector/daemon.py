@@ -185,19 +185,7 @@ class Daemon:
                 if pool is not None:
                     pool.terminate()
                 if backend is not None:
-                    # A backend cut while it waits on a lock (the migration lock, say) waits on in its
-                    # queue, the session of a daemon gone, until granted: ended here.
-                    with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_SECONDS):
-                        try:
-                            ender = await db.connect(self.dsn, role="daemon")
-                            try:
-                                await ender.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = $1 "
-                                                    "AND application_name = 'pgprojector-daemon'", backend)
-                            finally:
-                                ender.terminate()
-                        except Exception as exc:
-                            log.warning("start_up_session_not_ended", backend_pid=backend,
-                                        error=db.describe_error(exc))
+                    await self._end_start_up_session(backend)
                 raise
             except Exception as exc:
                 if pool is not None:
@@ -241,6 +229,19 @@ class Daemon:
                      database=db.redact_dsn(self.dsn), daemon_id=str(self.id), pid=os.getpid())
             return pool
         return None
+
+    async def _end_start_up_session(self, backend: int) -> None:
+        """A backend cut while it waits on a lock (the migration lock, say) waits on in the lock's
+        queue, the session of a daemon gone, until the lock is granted: ended here."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_SECONDS):
+            try:
+                ender = await db.connect(self.dsn, role="daemon")
+                try:
+                    await ender.execute(queries()["end_start_up_session"], backend)
+                finally:
+                    ender.terminate()
+            except Exception as exc:
+                log.warning("start_up_session_not_ended", backend_pid=backend, error=db.describe_error(exc))
 
     async def _check_schema(self, conn: asyncpg.Connection) -> None:
         await require_current_schema(conn)
