@@ -647,3 +647,45 @@ async def test_health_fails_when_a_projection_stops_moving(conn, dsn):
     await conn.execute("UPDATE pgprojector_projections SET state = 'rebuilding' WHERE name = 'orders'")
     crashed = run_ops("health", dsn=dsn)
     assert crashed.returncode == 1 and "a rebuild was interrupted" in crashed.stdout
+
+
+# the recovery commands on servers with other defaults ------------------------------------------------
+
+
+async def _blocked_on_a_lock(conn: asyncpg.Connection, application: str) -> bool:
+    return bool(await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 "
+                                    "AND wait_event_type = 'Lock'", application))
+
+
+@pytest.mark.parametrize("command", ["dead-letters", "rebuild"])
+async def test_the_recovery_commands_wait_for_a_batch_under_a_repeatable_read_default(conn, dsn, command):
+    """A database whose default isolation is REPEATABLE READ: a command that waited on the checkpoint
+    row for a daemon's batch failed once the batch committed ("could not serialize access due to
+    concurrent update", exit 1), which a busy daemon made the usual outcome. The daemon's own batches
+    are READ COMMITTED whatever the default; so are the commands now."""
+    await migrate(conn, "events", [flaky])
+    await conn.execute("INSERT INTO flaky_allowed VALUES ('a_1')")
+    await EventStore(conn).append("b_1", "thing", [NewEvent("Happened", {"n": 1})], expected_version=0)
+    await EventStore(conn).append("a_1", "thing", [NewEvent("Happened", {"n": 1})], expected_version=0)
+    async with running_daemon(dsn, ["test_ops:flaky"], on_error="park", max_attempts=1, poll_interval=0.1):
+        await wait_until(lambda: caught_up(conn, "flaky"))
+    assert await conn.fetchval("SELECT event_position FROM pgprojector_dead_letters") == 1
+    await conn.execute("INSERT INTO flaky_allowed VALUES ('b_1')")
+    database = dsn.rsplit("/", 1)[1].split("?")[0]
+    await conn.execute(f"ALTER DATABASE \"{database}\" SET default_transaction_isolation = 'repeatable read'")
+
+    batch = await db.connect(dsn, role="tests")  # a daemon's batch, holding the checkpoint row
+    try:
+        async with batch.transaction(isolation="read_committed"):
+            await batch.execute("SELECT position FROM pgprojector_projections WHERE name = 'flaky' FOR UPDATE")
+            args = ["dead-letters", "retry", "--all"] if command == "dead-letters" else ["rebuild", "flaky"]
+            process = start_ops(*args, dsn=dsn, projections="test_ops:flaky", on_error="park", max_attempts="1")
+            await wait_until(lambda: _blocked_on_a_lock(conn, f"pgprojector-{command}"))
+            await batch.execute("UPDATE pgprojector_projections SET updated_at = now() WHERE name = 'flaky'")
+        out, err = await anyio.to_thread.run_sync(lambda: process.communicate(timeout=60))
+    finally:
+        await batch.close()
+    assert process.returncode == 0, out + err
+    assert "could not serialize" not in err
+    assert await conn.fetchval("SELECT count(*) FROM pgprojector_dead_letters") == 0
+    assert await conn.fetchval("SELECT array_agg(position ORDER BY position) FROM flaky_seen") == [1, 2]

@@ -231,7 +231,7 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 async def cmd_resume(settings: Settings, args: argparse.Namespace) -> int:
     async def body(conn: asyncpg.Connection) -> int:
         sql = queries()
-        async with conn.transaction():
+        async with conn.transaction(isolation="read_committed"):  # as the daemon's batches, whatever the default
             # The daemon's batches lock this row too: none is half-way while it changes.
             halted = await conn.fetchrow(sql["lock_halted"], args.name)
             if halted is None:

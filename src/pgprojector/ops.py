@@ -447,7 +447,10 @@ async def retry_dead_letters(conn: asyncpg.Connection, ids: list[int] | None,
         if projection.handle is not None and (problem := event.shape_problem()) is not None:
             outcomes.append(outcome(False, problem))  # as the daemon's worker refuses it
             continue
-        async with conn.transaction():
+        # READ COMMITTED whatever the database's default, as the daemon's batches: under REPEATABLE
+        # READ, waiting here for a batch that then moves the checkpoint fails the retry ("could not
+        # serialize access").
+        async with conn.transaction(isolation="read_committed"):
             # The daemon's order: checkpoint row first, then the dead letter.
             checkpoint = await conn.fetchrow(queries()["lock_checkpoint"], projection.name)
             if not await conn.fetchval("SELECT true FROM pgprojector_dead_letters WHERE id = $1 FOR UPDATE",

@@ -152,7 +152,9 @@ class Rebuild:
 
     async def _start(self) -> int | None:
         """Empty the tables and reset the checkpoint; or, after an interrupted rebuild, resume (its position)."""
-        async with self.conn.transaction():
+        # (READ COMMITTED whatever the database's default: under REPEATABLE READ, the daemon's batch
+        # this waits for moves the checkpoint, and the rebuild failed with "could not serialize access")
+        async with self.conn.transaction(isolation="read_committed"):
             checkpoint = await self.conn.fetchrow(queries()["lock_checkpoint"], self.name)
             if checkpoint is None:
                 raise ConfigError(f"projection {self.name} is not set up: run `pgprojector migrate` with it in "
