@@ -689,3 +689,39 @@ async def test_the_recovery_commands_wait_for_a_batch_under_a_repeatable_read_de
     assert "could not serialize" not in err
     assert await conn.fetchval("SELECT count(*) FROM pgprojector_dead_letters") == 0
     assert await conn.fetchval("SELECT array_agg(position ORDER BY position) FROM flaky_seen") == [1, 2]
+
+
+async def _sleepy_handle(conn: asyncpg.Connection, events: Sequence[RecordedEvent]) -> None:
+    """Takes a while per batch, inside its transaction (a handler calling out to another service)."""
+    await anyio.sleep(0.25)
+    await conn.executemany("INSERT INTO sleepy_seen (position) VALUES ($1)", [(e.position,) for e in events])
+
+
+sleepy = Projection(name="sleepy", handle=_sleepy_handle,
+                    schema="CREATE TABLE IF NOT EXISTS sleepy_seen (position BIGINT PRIMARY KEY)", tables=("sleepy_seen",))
+
+
+async def test_a_rebuild_keeps_its_lock_on_a_server_that_ends_idle_sessions(conn, dsn):
+    """The rebuild's lock session sits idle while the batches run on the pool: an idle_session_timeout
+    shorter than the rebuild ended it, and with it the lock. `status` then showed the rebuild as
+    interrupted while it ran, a second rebuild could start beside it, and the rebuild that had caught up
+    and handed the projection back said it was interrupted ("run it again to resume"), exit 1."""
+    await migrate(conn, "events", [sleepy])
+    store = EventStore(conn)
+    for number in range(1, 13):
+        await store.append(f"thing_{number}", "thing", [NewEvent("Happened", {"n": number})], expected_version=0)
+    database = dsn.rsplit("/", 1)[1].split("?")[0]
+    await conn.execute(f'ALTER DATABASE "{database}" SET idle_session_timeout = 1000')
+
+    rebuild = start_ops("rebuild", "test_ops:sleepy", dsn=dsn, batch_size="1")
+    try:
+        await anyio.sleep(2.0)  # past the timeout, half-way
+        assert await conn.fetchval("SELECT name FROM pgprojector_active_rebuilds") == "sleepy"
+        out, err = await anyio.to_thread.run_sync(lambda: rebuild.communicate(timeout=60))
+    finally:
+        if rebuild.poll() is None:
+            rebuild.kill()
+            rebuild.wait()
+    assert rebuild.returncode == 0, err
+    assert "projection sleepy rebuilt: 12 events applied up to position 12" in out
+    assert (await checkpoints(conn))["sleepy"] == (12, "running")

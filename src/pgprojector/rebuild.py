@@ -33,6 +33,9 @@ from pgprojector.worker import Batch, ProjectionWorker
 
 log = structlog.get_logger("pgprojector.rebuild")
 
+# How often the rebuild makes sure the session that holds its lock is still there.
+LOCK_CHECK_SECONDS = 1.0
+
 # (checkpoint position, target position, events applied, caught up)
 ProgressCallback = Callable[[int, int, int, bool], None]
 
@@ -102,10 +105,14 @@ class Rebuild:
         self._log.info("rebuild_started", from_position=self.position, target=target,
                        resumed=resumed_from is not None)
         parked_before = await self._parked()
+        lock_checked = time.monotonic()
         while True:
             if self.stopping.is_set():
                 raise RebuildError(f"rebuild of {self.name} interrupted at position {self.position}: "
                                    "run it again to resume")
+            if time.monotonic() - lock_checked >= LOCK_CHECK_SECONDS:
+                await self.conn.execute("SELECT 1")  # the lock's session lost: stop (transient), never go on unlocked
+                lock_checked = time.monotonic()
             batch = await self.worker.step()
             if batch is None:
                 continue  # a failing event: retried, parked or halted by the worker
@@ -145,7 +152,14 @@ class Rebuild:
                            f"(state now {batch.state or 'gone'}): rebuild stopped")
 
     async def _take_rebuild_lock(self) -> None:
-        """Held by this session until it ends: one rebuild per projection, and `status` can see it."""
+        """Held by this session until it ends: one rebuild per projection, and `status` can see it.
+
+        The session sits idle while the batches run on the pool: a server's idle_session_timeout
+        (PostgreSQL 14+) would end it, and the lock with it, half-way (`status` then showed the rebuild
+        as interrupted, a second one could start, and this one said it was interrupted after handing
+        the projection back). Off for this session; and the loop checks it is still there."""
+        await self.conn.execute("SELECT set_config('idle_session_timeout', '0', false) "
+                                "WHERE current_setting('idle_session_timeout', true) IS NOT NULL")
         if not await self.conn.fetchval("SELECT pgprojector_try_lock_rebuild($1)", self.name):
             pid = await self.conn.fetchval("SELECT pid FROM pgprojector_active_rebuilds WHERE name = $1", self.name)
             raise RebuildError(f"a rebuild of {self.name} is already running (backend pid {pid})")
