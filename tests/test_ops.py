@@ -725,3 +725,29 @@ async def test_a_rebuild_keeps_its_lock_on_a_server_that_ends_idle_sessions(conn
     assert rebuild.returncode == 0, err
     assert "projection sleepy rebuilt: 12 events applied up to position 12" in out
     assert (await checkpoints(conn))["sleepy"] == (12, "running")
+
+
+async def test_after_a_resume_a_daemon_tries_the_event_as_often_as_max_attempts_says(pool, conn, dsn):
+    """Two daemons retry the same failing event; one halts at it, and the other then sees the projection
+    halted with the failures it had counted still in hand. After `resume` it parked (or halted at) the
+    event at its first failure, where PGPROJECTOR_MAX_ATTEMPTS promises that many tries (and so after a
+    rebuild had handed the projection back: the next failing event went at once)."""
+    from pgprojector.listener import Wakeup
+    from pgprojector.worker import ProjectionWorker
+
+    await migrate(conn, "events", [flaky])
+    await EventStore(conn).append("b_1", "thing", [NewEvent("Happened", {"n": 1})], expected_version=0)
+    other = ProjectionWorker(pool, flaky, batch_size=10, poll_interval=0.1, on_error="park", max_attempts=3,
+                             stopping=anyio.Event(), wakeup=Wakeup())
+    assert await other.step() is None and await other.step() is None  # two failures counted, one try left
+    await conn.execute("UPDATE pgprojector_projections SET state = 'halted', halted_at_position = 1, "
+                       "last_error = 'ValueError: b_1 is not allowed yet' WHERE name = 'flaky'")  # the first daemon
+    inactive = await other.step()
+    assert inactive is not None and inactive.inactive
+
+    resumed = await anyio.to_thread.run_sync(lambda: run_ops("resume", "flaky", dsn=dsn))
+    assert resumed.returncode == 0, resumed.stderr
+    assert await other.step() is None  # the event fails again: its first try since the resume
+    assert await conn.fetchval("SELECT count(*) FROM pgprojector_dead_letters") == 0
+    assert await other.step() is None and await other.step() is None
+    assert await conn.fetchval("SELECT attempts FROM pgprojector_dead_letters WHERE event_position = 1") == 3

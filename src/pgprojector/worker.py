@@ -178,6 +178,10 @@ class ProjectionWorker:
                 if checkpoint is None:
                     raise RuntimeError(f"projection {self.projection.name} is not set up: run `pgprojector migrate`")
                 if checkpoint["state"] != self.active_state:
+                    # Halted, or being rebuilt, by someone else: the failures counted so far are not the
+                    # next try's (after a resume, or a rebuild's hand-back, an event gets its full tries).
+                    self._attempts = 0
+                    self._stop_isolating()
                     return Batch(inactive=True, checkpoint=checkpoint["position"], state=checkpoint["state"])
                 position = self.in_flight.after = checkpoint["position"]
                 horizon, drawn = await conn.fetchrow(sql["horizon"])
