@@ -751,3 +751,30 @@ async def test_after_a_resume_a_daemon_tries_the_event_as_often_as_max_attempts_
     assert await conn.fetchval("SELECT count(*) FROM pgprojector_dead_letters") == 0
     assert await other.step() is None and await other.step() is None
     assert await conn.fetchval("SELECT attempts FROM pgprojector_dead_letters WHERE event_position = 1") == 3
+
+
+async def test_dead_letters_retry_during_a_rebuild_says_when_to_retry(conn, dsn):
+    """Every dead letter a projection has while it is being rebuilt was parked by that rebuild (its start
+    deletes the others): the rebuild will not apply it again, where retry said it would."""
+    await migrate(conn, "events", [flaky])
+    await conn.execute("INSERT INTO flaky_allowed VALUES ('a_1')")
+    store = EventStore(conn)
+    for aggregate in ("b_1", "a_1"):
+        await store.append(aggregate, "thing", [NewEvent("Happened", {"n": 1})], expected_version=0)
+    settings = {"projections": "test_ops:flaky", "on_error": "park", "max_attempts": "1"}
+    assert run_ops("rebuild", "flaky", dsn=dsn, **settings).returncode == 0
+    # As a rebuild interrupted after it parked b_1 leaves it:
+    await conn.execute("UPDATE pgprojector_projections SET state = 'rebuilding' WHERE name = 'flaky'")
+    await conn.execute("INSERT INTO flaky_allowed VALUES ('b_1')")  # the cause, fixed
+
+    refused = run_ops("dead-letters", "retry", "--all", dsn=dsn, **settings)
+    assert refused.returncode == 1
+    assert "the rebuild applies it again" not in refused.stdout
+    assert ("projection flaky is being rebuilt, and the rebuild parked this event: retry it once the rebuild "
+            "has finished") in refused.stdout
+    resumed = run_ops("rebuild", "flaky", dsn=dsn, **settings)
+    assert resumed.returncode == 0, resumed.stderr
+    assert await conn.fetchval("SELECT count(*) FROM pgprojector_dead_letters") == 1  # not applied again
+    retried = run_ops("dead-letters", "retry", "--all", dsn=dsn, **settings)
+    assert retried.returncode == 0, retried.stdout
+    assert await conn.fetchval("SELECT array_agg(position ORDER BY position) FROM flaky_seen") == [1, 2]

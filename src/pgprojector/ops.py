@@ -461,8 +461,10 @@ async def retry_dead_letters(conn: asyncpg.Connection, ids: list[int] | None,
                 outcomes.append(outcome(False, f"projection {projection.name} is not set up"))
                 continue
             if checkpoint["state"] == "rebuilding":
-                outcomes.append(outcome(False, f"projection {projection.name} is being rebuilt: the rebuild "
-                                               "applies it again"))
+                # (the rebuild's start deleted every dead letter: this one the rebuild parked, failing
+                # again, and it will not apply it again)
+                outcomes.append(outcome(False, f"projection {projection.name} is being rebuilt, and the rebuild "
+                                               "parked this event: retry it once the rebuild has finished"))
                 continue
             if checkpoint["position"] < event.position:
                 # Its projection has not reached it (yet again): it will be applied in order.
