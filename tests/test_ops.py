@@ -778,3 +778,33 @@ async def test_dead_letters_retry_during_a_rebuild_says_when_to_retry(conn, dsn)
     retried = run_ops("dead-letters", "retry", "--all", dsn=dsn, **settings)
     assert retried.returncode == 0, retried.stdout
     assert await conn.fetchval("SELECT array_agg(position ORDER BY position) FROM flaky_seen") == [1, 2]
+
+
+async def test_a_rebuild_stopped_by_a_second_signal_says_so(conn, dsn):
+    """The first signal stops a rebuild after the batch in hand, the second at once: that one exited 1
+    without a word, where the operator needs to know it stopped half-way and that running it again
+    resumes it."""
+    await migrate(conn, "events", [sleepy])
+    store = EventStore(conn)
+    for number in range(1, 41):
+        await store.append(f"thing_{number}", "thing", [NewEvent("Happened", {"n": number})], expected_version=0)
+    rebuild = start_ops("rebuild", "test_ops:sleepy", dsn=dsn, batch_size="4", log_level="warning")
+    try:
+        await wait_until(lambda: _rebuilt_some(conn))
+        rebuild.send_signal(signal.SIGINT)
+        await anyio.sleep(0.05)  # the batch in hand (0.25 s) is still going
+        rebuild.send_signal(signal.SIGINT)
+        _out, err = await anyio.to_thread.run_sync(lambda: rebuild.communicate(timeout=30))
+    finally:
+        if rebuild.poll() is None:
+            rebuild.kill()
+            rebuild.wait()
+    assert rebuild.returncode == 1
+    position, state = (await checkpoints(conn))["sleepy"]
+    assert state == "rebuilding" and 0 < position < 40
+    assert f"pgprojector: rebuild of sleepy interrupted at position {position}: run it again to resume" in err
+
+
+async def _rebuilt_some(conn: asyncpg.Connection) -> bool:
+    row = await conn.fetchrow("SELECT state, position FROM pgprojector_projections WHERE name = 'sleepy'")
+    return row is not None and row["state"] == "rebuilding" and row["position"] > 0

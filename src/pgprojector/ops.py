@@ -338,6 +338,12 @@ async def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
                           on_progress=progress, stopping=stopping)
         try:
             report = await rebuild.run()
+        except anyio.get_cancelled_exc_class():
+            # A second signal: the batch in hand rolled back. Said, as a first signal's stop is.
+            progress.close()
+            print(f"pgprojector: rebuild of {projection.name} interrupted at position {rebuild.position}: "
+                  "run it again to resume", file=sys.stderr)
+            raise
         except RebuildError as exc:
             raise CommandError(str(exc)) from None
         except Exception as exc:
