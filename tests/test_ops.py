@@ -341,7 +341,7 @@ async def test_interrupted_rebuild_resumes_and_shows_in_the_view(pool, conn, dsn
         positions.append(position)
         stopping.set()  # as a Ctrl-C after the first batch would
 
-    interrupted = Rebuild(conn, pool, orders.projection, batch_size=40, on_error="halt", max_attempts=1, channel="events",
+    interrupted = Rebuild(conn, pool, orders.projection, batch_size=40, on_error="halt", max_attempts=1,
                           on_progress=progress, stopping=stopping)
     with pytest.raises(RebuildError, match="run it again to resume"):
         await interrupted.run()

@@ -334,7 +334,7 @@ async def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
         await require_current_schema(conn)  # as the daemon's worker needs it
         pool = await db.create_pool(settings.require_dsn(), role="rebuild", min_size=1, max_size=2)
         rebuild = Rebuild(conn, pool, projection, batch_size=settings.batch_size, on_error=settings.on_error,
-                          max_attempts=settings.max_attempts, channel=settings.channel, restart=args.restart,
+                          max_attempts=settings.max_attempts, restart=args.restart,
                           on_progress=progress, stopping=stopping)
         try:
             report = await rebuild.run()

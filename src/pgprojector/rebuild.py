@@ -64,7 +64,6 @@ class Rebuild:
         batch_size: int,
         on_error: str,
         max_attempts: int,
-        channel: str,
         restart: bool = False,
         on_progress: ProgressCallback | None = None,
         stopping: anyio.Event | None = None,
@@ -74,7 +73,6 @@ class Rebuild:
         self.conn = conn
         self.projection = projection
         self.name = projection.name
-        self.channel = channel
         self.restart = restart
         self.on_progress = on_progress or (lambda position, target, applied, done: None)
         self.stopping = stopping or anyio.Event()
@@ -131,10 +129,10 @@ class Rebuild:
         return report
 
     async def _hand_back(self, conn: asyncpg.Connection) -> None:
-        """In the transaction of the batch that caught up: the daemon takes over from here."""
+        """In the transaction of the batch that caught up: the daemon takes over from here, at its next
+        poll (its worker of an inactive projection does not wait on notifications)."""
         await conn.execute("UPDATE pgprojector_projections SET state = 'running', updated_at = now() WHERE name = $1",
                            self.name)
-        await conn.execute("SELECT pg_notify($1, '')", self.channel)  # wake the daemons now, not at their next poll
 
     async def _parked(self) -> int:
         return await self.conn.fetchval("SELECT count(*) FROM pgprojector_dead_letters WHERE projection = $1",
