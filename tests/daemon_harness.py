@@ -62,19 +62,25 @@ async def _witness_handle(conn: asyncpg.Connection, events: Sequence[pgprojector
 witness = pgprojector.Projection(name="witness", handle=_witness_handle, schema=WITNESS_SCHEMA, tables=("witness",))
 
 
-# A witness whose handler works PGPROJECTOR_TEST_SLOW_MS (50) per event in Python first, idle in its
-# transaction meanwhile, as a handler calling out to another service would.
-SLOW_WITNESS_SCHEMA = WITNESS_SCHEMA.replace("witness", "slow_witness")
+# Witnesses whose handler works PGPROJECTOR_TEST_SLOW_MS (50) per event in Python, idle in its
+# transaction meanwhile, as a handler calling out to another service would: `slow_witness` before it
+# writes, `slow_after_witness` after (its session is then ended at the worker's next statement).
+def _slow_witness(name: str, *, work_first: bool) -> pgprojector.Projection:
+    async def handle(conn: asyncpg.Connection, events: Sequence[pgprojector.RecordedEvent]) -> None:
+        work = float(os.environ.get("PGPROJECTOR_TEST_SLOW_MS", "50")) / 1000 * len(events)
+        if work_first:
+            await asyncio.sleep(work)
+        await conn.executemany(f"INSERT INTO {name} (position, aggregate_id, version) VALUES ($1, $2, $3)",
+                               [(e.position, e.aggregate_id, e.version) for e in events])
+        if not work_first:
+            await asyncio.sleep(work)
+
+    return pgprojector.Projection(name=name, handle=handle, schema=WITNESS_SCHEMA.replace("witness", name),
+                                  tables=(name,))
 
 
-async def _slow_witness_handle(conn: asyncpg.Connection, events: Sequence[pgprojector.RecordedEvent]) -> None:
-    await asyncio.sleep(float(os.environ.get("PGPROJECTOR_TEST_SLOW_MS", "50")) / 1000 * len(events))
-    await conn.executemany("INSERT INTO slow_witness (position, aggregate_id, version) VALUES ($1, $2, $3)",
-                           [(e.position, e.aggregate_id, e.version) for e in events])
-
-
-slow_witness = pgprojector.Projection(name="slow_witness", handle=_slow_witness_handle, schema=SLOW_WITNESS_SCHEMA,
-                                      tables=("slow_witness",))
+slow_witness = _slow_witness("slow_witness", work_first=True)
+slow_after_witness = _slow_witness("slow_after_witness", work_first=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -728,18 +734,3 @@ async def wait_caught_up(conn: asyncpg.Connection, names: Iterable[str], timeout
             raise AssertionError(f"not caught up within {timeout}s: head {top}, horizon {horizon}, "
                                  f"checkpoints {points}\n{tails}")
         await asyncio.sleep(0.1)
-
-
-# The same, but its handler writes first and then works in Python (idle in its transaction): the
-# session is ended after the handler has returned, at the worker's next statement.
-SLOW_AFTER_WITNESS_SCHEMA = WITNESS_SCHEMA.replace("witness", "slow_after_witness")
-
-
-async def _slow_after_witness_handle(conn: asyncpg.Connection, events: Sequence[pgprojector.RecordedEvent]) -> None:
-    await conn.executemany("INSERT INTO slow_after_witness (position, aggregate_id, version) VALUES ($1, $2, $3)",
-                           [(e.position, e.aggregate_id, e.version) for e in events])
-    await asyncio.sleep(float(os.environ.get("PGPROJECTOR_TEST_SLOW_MS", "50")) / 1000 * len(events))
-
-
-slow_after_witness = pgprojector.Projection(name="slow_after_witness", handle=_slow_after_witness_handle,
-                                            schema=SLOW_AFTER_WITNESS_SCHEMA, tables=("slow_after_witness",))
