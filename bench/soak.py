@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the independent fold and the witness live with the tests
 
 import daemon_harness as h  # noqa: E402
+from run import create_database, drop_database  # noqa: E402  (bench/run.py, beside this file)
 from witness import witness_problems  # noqa: E402
 
 from pgprojector import EventStore, NewEvent, db  # noqa: E402
@@ -55,13 +56,6 @@ BATCH_SIZES = (7, 200, 20000)  # each daemon life takes one at random
 STOP_TIMEOUT = 20.0
 SERVER_ACTIONS = ("server_crash", "server_restart")
 ACTIONS = ("kill9", "sigterm", "cut", "second_daemon", "migrate", *SERVER_ACTIONS)
-
-CUT_DAEMON_CONNECTIONS = """
-SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-WHERE datname = current_database() AND application_name LIKE 'pgprojector-%'
-  AND application_name <> 'pgprojector-producer' AND pid <> pg_backend_pid()
-"""
-
 
 @dataclass
 class Report:
@@ -322,7 +316,7 @@ async def chaos(action: str, fleet: Fleet, server: EmbeddedPostgres | None, dsn:
         fleet.pick()
         conn = await asyncpg.connect(dsn, server_settings={"application_name": "soak-cutter"})
         try:
-            await conn.fetchval(CUT_DAEMON_CONNECTIONS)
+            await conn.fetch(h.CUT_DAEMON_CONNECTIONS)
         finally:
             await conn.close()
     elif action == "migrate":
@@ -518,31 +512,17 @@ def main() -> int:
     return 0 if not report.problems else 1
 
 
-async def _admin(admin_dsn: str, statement: str) -> None:
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
-def _with_database(dsn: str, name: str) -> str:
-    base, _, query = dsn.partition("?")
-    return base.rsplit("/", 1)[0] + f"/{name}" + (f"?{query}" if query else "")
-
-
 async def _on_own_server(args: argparse.Namespace, server: EmbeddedPostgres, logdir: Path) -> Report:
-    await _admin(server.dsn, "CREATE DATABASE soak")
-    return await soak(args, _with_database(server.dsn, "soak"), server, logdir)
+    _name, dsn = await create_database(server.dsn)
+    return await soak(args, dsn, server, logdir)
 
 
 async def _on_existing_server(args: argparse.Namespace, logdir: Path) -> Report:
-    name = f"pgprojector_soak_{random.getrandbits(32):08x}"
-    await _admin(args.dsn, f'CREATE DATABASE "{name}"')
+    name, dsn = await create_database(args.dsn)
     try:
-        return await soak(args, _with_database(args.dsn, name), None, logdir)
+        return await soak(args, dsn, None, logdir)
     finally:
-        await _admin(args.dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await drop_database(args.dsn, name)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,17 @@ slow_after_witness = _slow_witness("slow_after_witness", work_first=False)
 # Daemon subprocesses
 # --------------------------------------------------------------------------------------------
 
+# Every daemon connection of this database (the producers' and the caller's spared), cut.
+CUT_DAEMON_CONNECTIONS = """
+SELECT pid, application_name, state, pg_terminate_backend(pid) AS terminated
+FROM pg_stat_activity
+WHERE datname = current_database()
+  AND application_name LIKE 'pgprojector-%'
+  AND application_name <> 'pgprojector-producer'
+  AND pid <> pg_backend_pid()
+"""
+
+
 def daemon_env(dsn: str, **settings: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("PGPROJECTOR_")}
     env["PGPROJECTOR_DSN"] = dsn

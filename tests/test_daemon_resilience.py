@@ -119,16 +119,6 @@ async def test_kill_9_at_random_moments_during_catch_up_loses_and_duplicates_not
 # 2. every daemon connection cut, again and again, while producers write
 # ---------------------------------------------------------------------------------------------
 
-CUT_DAEMON_CONNECTIONS = """
-SELECT pid, application_name, state, pg_terminate_backend(pid) AS terminated
-FROM pg_stat_activity
-WHERE datname = current_database()
-  AND application_name LIKE 'pgprojector-%'
-  AND application_name <> 'pgprojector-producer'
-  AND pid <> pg_backend_pid()
-"""
-
-
 async def test_daemon_survives_pg_terminate_backend_of_all_its_connections(dsn, tmp_path):
     seed = _seed()
     rng = random.Random(seed)
@@ -146,7 +136,7 @@ async def test_daemon_survives_pg_terminate_backend_of_all_its_connections(dsn, 
                     await asyncio.wait_for(stop.wait(), rng.uniform(1.0, 2.0))
                 except TimeoutError:
                     pass
-                rounds.append(await cutter.fetch(CUT_DAEMON_CONNECTIONS))
+                rounds.append(await cutter.fetch(h.CUT_DAEMON_CONNECTIONS))
 
         stop = asyncio.Event()
         cutting = asyncio.create_task(cut_repeatedly(stop))
