@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from pgprojector.errors import InvalidEventError
-
-T = TypeVar("T")
 
 MAX_AGGREGATE_ID = 100
 MAX_AGGREGATE_TYPE = 50
@@ -114,7 +112,8 @@ class RecordedEvent:
             # json.loads recurses once per level, within what the caller's stack leaves of the
             # recursion limit: on a thread of its own, it goes as deep as json.dumps went for append.
             try:
-                data, metadata = _on_fresh_stack(_decode, record)
+                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgprojector-json-decode") as fresh:
+                    data, metadata = fresh.submit(_decode, record).result()
             except RecursionError:
                 raise RecursionError(f"the event at position {record['position']}") from None
         return cls.from_record({**record, "data": data, "metadata": metadata})
@@ -136,24 +135,6 @@ class RecordedEvent:
 
 def _decode(record: Mapping[str, Any]) -> tuple[Any, Any]:
     return json.loads(record["data"]), None if record["metadata"] is None else json.loads(record["metadata"])
-
-
-def _on_fresh_stack(function: Callable[[Mapping[str, Any]], T], argument: Mapping[str, Any]) -> T:
-    outcome: list[T] = []
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            outcome.append(function(argument))
-        except BaseException as exc:
-            failure.append(exc)
-
-    thread = threading.Thread(target=run, name="pgprojector-json-decode")
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-    return outcome[0]
 
 
 def validate_stream(aggregate_id: str, aggregate_type: str) -> None:
