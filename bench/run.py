@@ -97,6 +97,8 @@ def cpu_ratio(baseline: dict[str, Any], run: dict[str, Any]) -> float | None:
     ratios when the machine is shared. The baseline's client does nothing but wait."""
     if baseline.get("server_cpu_s") is None or run.get("server_cpu_s") is None:
         return None
+    if not run["client_cpu_s"] + run["server_cpu_s"]:
+        return None  # a run too short for /proc's clock ticks (10 ms) to count (the tests' small logs)
     return round(baseline["server_cpu_s"] / (run["client_cpu_s"] + run["server_cpu_s"]), 3)
 
 
